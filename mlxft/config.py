@@ -1,0 +1,95 @@
+"""The recipe schema: one dataclass per section, resolved as defaults < file < tier < --set.
+
+`mlxft.recipes.load_recipe` fills these from `recipes/<name>.yaml`; every other
+stage reads the resolved `Recipe` and never touches raw YAML dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+MEMORY_TIERS = (8, 16, 24, 32, 48, 64, 96, 128)  # GB of unified memory / RAM
+
+
+@dataclass
+class ModelConfig:
+    # "builtin:smollm2-135m-instruct" (bundled, no hub), a local mlx-lm/HF folder,
+    # a .gguf file, or a Hugging Face repo id (downloaded where a network exists).
+    source: str = "builtin:smollm2-135m-instruct"
+    # mlx-lm model_type (module name under mlx_lm.models), e.g. "llama", "qwen2".
+    family: str = "llama"
+
+
+@dataclass
+class LoraConfig:
+    # Module keys inside one transformer block, e.g. "self_attn.q_proj".
+    targets: list[str] = field(default_factory=lambda: ["self_attn.q_proj", "self_attn.v_proj"])
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank (mlx-lm calls the product "scale")
+    dropout: float = 0.0
+    num_layers: int = 16  # adapt the last N blocks; -1 = all blocks
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-4  # low: 1-3 epochs at a low LR is the field's lesson
+    lr_schedule: str = "cosine"  # constant | linear | cosine
+    warmup_steps: int = 0
+    iters: int | None = None  # optimizer steps; exactly one of iters / epochs is used
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    grad_checkpoint: bool = False
+    max_seq_length: int = 512
+    max_grad_norm: float | None = 1.0  # clip gradients; None disables
+    weight_decay: float = 0.0
+    val_every: int = 50  # steps between validation-loss measurements
+    val_batches: int = 10  # batches of the validation split per measurement; -1 = all
+    report_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = "datasets/commit-type"  # folder with train.jsonl / valid.jsonl / test.jsonl
+    # The one system prompt used in training AND at inference (the parity rule).
+    system_prompt: str | None = None
+
+
+@dataclass
+class TierConfig:
+    """Per-memory-tier overrides; None means 'keep the recipe value'."""
+
+    batch_size: int | None = None
+    grad_accumulation: int | None = None
+    grad_checkpoint: bool | None = None
+    quantize: int | None = None  # base-weight bits (4 or 8); 0 = keep full precision
+    max_seq_length: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 8  # generation budget for exact-match scoring of short answers
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fine_tune_type: str = "lora"  # lora | dora | full
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Base-weight quantization bits for training (QLoRA): None/0 = keep the source precision.
+    # Set per tier; on CPU backends mlxft trains on a dequantized base regardless (see train).
+    quantize: int | None = None
+    tiers: dict[int, TierConfig] = field(default_factory=dict)
+    tier: int | None = None  # the tier the recipe was resolved for

@@ -1,0 +1,19 @@
+"""Typed errors: library code raises these; the CLI turns them into one clear message."""
+
+
+class MlxftError(Exception):
+    """A user-facing problem: the message says what is wrong and where."""
+
+    exit_code = 2
+
+
+class ConfigError(MlxftError):
+    """A recipe, override or flag is wrong."""
+
+
+class DataError(MlxftError):
+    """A dataset file is missing or malformed."""
+
+
+class ModelError(MlxftError):
+    """A model cannot be found, downloaded, converted or loaded."""
