@@ -230,9 +230,20 @@ def versions() -> dict:
 # ---------------------------------------------------------------- the loop
 
 
+def resolve_data_dir(path: str | Path) -> Path:
+    """A relative data path is tried from the working directory, then from the mlxft checkout."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    from mlxft.recipes import RECIPES_DIR
+
+    alt = RECIPES_DIR.parent / p
+    return alt if alt.exists() else p
+
+
 def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print) -> TrainResult:
     """Fine-tune the recipe's base model on `data_dir` and write a run folder."""
-    data_dir = Path(data_dir or recipe.data.path)
+    data_dir = resolve_data_dir(data_dir or recipe.data.path)
     splits = load_splits(data_dir, ("train", "valid"))
     base = load_base(recipe.model.source, recipe.quantize)
     log(f"base model: {base.path} [{base.precision}]")
