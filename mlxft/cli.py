@@ -74,19 +74,23 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @main.command()
 @click.argument("recipe", default="smollm2-135m")
 @click.option("--data", "data_dir", default=None, help="Folder with train/valid/test.jsonl (default: the recipe's).")
+@click.option("--model", default=None,
+              help="Base model instead of the recipe's: builtin:NAME, a local mlx-lm/HF folder, a .gguf file or a hub repo id.")
 @click.option("--tier", type=int, default=None, help="Memory tier in GB (default: detected).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.iters=200.")
 @click.option("--runs-dir", default=None, help="Where run folders go (default: ./runs).")
 @click.option("--compare/--no-compare", default=False,
               help="After training, score base vs adapter (exact match) on the test split.")
 @friendly
-def train(recipe, data_dir, tier, overrides, runs_dir, compare):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path)."""
     from pathlib import Path
 
     from mlxft.recipes import load_recipe
     from mlxft.train import train as run_training
 
+    if model:
+        overrides = (*overrides, f"model.source={model}")
     r = load_recipe(recipe, tier=tier, overrides=overrides)
     click.echo(f"recipe {r.name} for the {r.tier} GB tier")
     result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)

@@ -47,7 +47,7 @@ def test_not_a_gguf_leaves_nothing_behind(tmp_path):
 
 def test_train_generate_chat_end_to_end(tiny_model, tiny_data, tmp_path):
     r = run("train", "smollm2-135m", "--data", str(tiny_data), "--runs-dir", str(tmp_path),
-            "--set", f"model.source={tiny_model}", "--set", "train.iters=4", "--set", "train.batch_size=4",
+            "--model", str(tiny_model), "--set", "train.iters=4", "--set", "train.batch_size=4",
             "--set", "lora.num_layers=2", "--set", "train.val_every=2", "--compare")
     assert r.exit_code == 0, r.output
     assert "exact match on test" in r.output
@@ -72,3 +72,11 @@ def test_doctor_reports_fast_blas():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "mlxft.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "mlxft" in out.stdout
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    r = run("generate", "nobody-here/no-such-model", "-p", "hi")
+    assert r.exit_code == 1
+    assert "nobody-here/no-such-model" in r.output and "Offline?" in r.output
