@@ -81,19 +81,26 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--runs-dir", default=None, help="Where run folders go (default: ./runs).")
 @click.option("--compare/--no-compare", default=False,
               help="After training, score base vs adapter (exact match) on the test split.")
+@click.option("--resume", "resume_run", default=None, metavar="RUN",
+              help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare):
-    """Fine-tune RECIPE (a name in recipes/ or a .yaml path)."""
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run):
+    """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from pathlib import Path
 
     from mlxft.recipes import load_recipe
-    from mlxft.train import train as run_training
+    from mlxft.train import resume, train as run_training
 
-    if model:
-        overrides = (*overrides, f"model.source={model}")
-    r = load_recipe(recipe, tier=tier, overrides=overrides)
-    click.echo(f"recipe {r.name} for the {r.tier} GB tier")
-    result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
+    if resume_run:
+        if data_dir or model or tier or overrides or runs_dir:
+            raise click.UsageError("--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir")
+        result = resume(resume_run)
+    else:
+        if model:
+            overrides = (*overrides, f"model.source={model}")
+        r = load_recipe(recipe, tier=tier, overrides=overrides)
+        click.echo(f"recipe {r.name} for the {r.tier} GB tier")
+        result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
     if compare:
         from mlxft.evaluate import compare_run, format_comparison
 
@@ -148,6 +155,72 @@ def doctor(as_json):
 
     info = collect()
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
+# ---------------------------------------------------------------- mlxft data (prepare, check)
+
+_recipe_opt = click.option("--recipe", default="smollm2-135m", show_default=True,
+                           help="Recipe whose tokenizer, system prompt and max_seq_length the checks use.")
+_model_opt = click.option("--model", default=None, help="Use this model's tokenizer instead of the recipe's.")
+_format_opt = click.option("--format", "fmt", default=None,
+                           type=click.Choice(["chat", "sharegpt", "alpaca", "completions", "text", "preference"]),
+                           help="Row format (default: detected per file).")
+
+
+@main.group()
+def data():
+    """Prepare and check datasets."""
+
+
+@data.command("prepare")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--split", "split_text", default="0.9,0.05,0.05", show_default=True,
+              help="train,valid,test fractions for a single source (named split files are kept).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Changes which rows land in which split.")
+@_format_opt
+@_recipe_opt
+@_model_opt
+@friendly
+def data_prepare(src, out, split_text, seed, fmt, recipe, model):
+    """Normalise SRC (file or folder; chat, ShareGPT, Alpaca, ...) to chat JSONL splits in OUT."""
+    from mlxft.lint import recipe_and_tokenizer
+    from mlxft.prepare import parse_split, prepare_dataset
+
+    fractions = parse_split(split_text)
+    r, tokenizer, why = recipe_and_tokenizer(recipe, model)
+    if why:
+        click.echo(f"mlxft: note: no token statistics ({why})", err=True)
+    prepare_dataset(src, out, fractions, seed, fmt, tokenizer, r, log=click.echo)
+    click.echo(f"wrote {out} (manifest.json lists formats, hashes and token counts)")
+
+
+@data.command("check")
+@click.argument("path", type=click.Path())
+@_recipe_opt
+@_model_opt
+@_format_opt
+@click.option("--fix", "fix_out", default=None, type=click.Path(),
+              help="Write a cleaned copy (broken and duplicate rows dropped, fix_log.jsonl says why) to this folder.")
+@click.option("--limit", type=int, default=20, show_default=True, help="Problems shown per kind (0 = all).")
+@friendly
+def data_check(path, recipe, model, fmt, fix_out, limit):
+    """Report every problem in PATH (file or folder) with file and line; exit 1 on errors."""
+    from mlxft.lint import check_path, recipe_and_tokenizer
+
+    r, tokenizer, why = recipe_and_tokenizer(recipe, model)
+    if why:
+        click.echo(f"mlxft: note: {why}", err=True)
+    report = check_path(path, r, tokenizer, fmt)
+    click.echo(report.format(limit))
+    if fix_out:
+        from mlxft.prepare import write_clean
+
+        kept = write_clean(report, fix_out)
+        click.echo(f"wrote a cleaned copy to {fix_out}: " + ", ".join(f"{s} {n} rows" for s, n in kept.items())
+                   + f"; {len(report.dropped)} rows dropped (see fix_log.jsonl); the input is unchanged")
+    if not report.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ class TrainConfig:
     val_batches: int = 10  # batches of the validation split per measurement; -1 = all
     report_every: int = 10
     seed: int = 0
+    # Full-state checkpoints (adapters, optimizer, RNG, data position) let a killed or
+    # interrupted run resume bit-identically; 0 = only the final one.
+    save_every: int = 50
+    keep_checkpoints: int = 2  # older ones are deleted: each holds the adapters plus 2x their size in AdamW state
+    # Stop when validation loss has not improved by early_stopping_min_delta for this many
+    # validations in a row (0 or None = off); the best adapter is kept in RUN/adapters/best.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
 
 
 @dataclass

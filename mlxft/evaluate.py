@@ -73,7 +73,7 @@ def compare_run(run_path: str | Path, split: str = "test", log=print) -> dict:
     max_tokens = recipe.get("eval", {}).get("max_tokens", 8)
     log(f"scoring the base model on {len(rows)} {split} rows ...")
     base_em = exact_match(base.model, base.tokenizer, rows, system, max_tokens)
-    load_adapters(base.model, str(run.adapters))
+    load_adapters(base.model, str(run.best_adapters))
     base.model.eval()
     log(f"scoring the adapter on the same {len(rows)} prompts ...")
     tuned_em = exact_match(base.model, base.tokenizer, rows, system, max_tokens)

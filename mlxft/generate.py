@@ -48,13 +48,14 @@ def load_target(target: str) -> Loaded:
         cfg = run.read_config()
         recipe = cfg["recipe"]
         base = load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
-        if not (run.adapters / "adapters.safetensors").is_file():
-            raise MlxftError(f"run {target} has no adapters yet ({run.adapters}/adapters.safetensors missing)")
-        load_adapters(base.model, str(run.adapters))
+        adapters = run.best_adapters
+        if not (adapters / "adapters.safetensors").is_file():
+            raise MlxftError(f"run {target} has no adapters yet ({adapters}/adapters.safetensors missing)")
+        load_adapters(base.model, str(adapters))
         base.model.eval()
         if cfg.get("chat_template"):
             base.tokenizer._tokenizer.chat_template = cfg["chat_template"]
-        return Loaded(base.model, base.tokenizer, cfg.get("system_prompt"), f"{base.path} + {run.adapters}")
+        return Loaded(base.model, base.tokenizer, cfg.get("system_prompt"), f"{base.path} + {adapters}")
     if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
         raise MlxftError(f"{target} is an adapter folder; pass the run folder that contains it")
     base = load_base(target, None, training=False)

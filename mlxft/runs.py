@@ -66,6 +66,24 @@ class RunDir:
         return self.root / "adapters"
 
     @property
+    def best_dir(self) -> Path:
+        """Where training keeps the lowest-validation-loss adapter (stock mlx-lm loads it)."""
+        return self.adapters / "best"
+
+    @property
+    def best_adapters(self) -> Path:
+        """The adapter to evaluate and serve: the best one when validation chose one, else the last."""
+        return self.best_dir if (self.best_dir / "adapters.safetensors").is_file() else self.adapters
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        """RUN/checkpoints/step-000040: zero-padded so names sort by step."""
+        return self.checkpoints / f"step-{step:06d}"
+
+    @property
     def eval_json(self) -> Path:
         return self.root / "eval.json"
 

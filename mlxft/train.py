@@ -1,26 +1,30 @@
 """Train a LoRA / DoRA / full fine-tune with mlx-lm's layers and our own loop.
 
-Run it as `mlxft train RECIPE [--data DIR] [--tier N] [--set k=v ...]`.
+Run it as `mlxft train RECIPE [--data DIR] [--tier N] [--set k=v ...]`,
+or continue a stopped run with `mlxft train --resume RUN`.
 
 We reuse mlx-lm for model loading, LoRA/DoRA layers and schedules, and write the
 loop ourselves because we need what mlx-lm's trainer lacks: loss on every
 assistant turn (its mask covers one prompt prefix only), logits computed only
 where there is a loss (the lm-head over a 49k vocabulary is ~20% of a small
-model's step), length-bucketed batches, and run folders with metrics.
+model's step), length-bucketed batches, run folders with metrics, and
+full-state checkpoints that resume bit-identically (see mlxft/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -30,15 +34,24 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from mlxft.config import Recipe
+from mlxft.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_adapters, save_checkpoint, truncate_metrics
+from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.data import Encoded, encode_rows, load_splits
-from mlxft.errors import ConfigError, DataError
+from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
-from mlxft.runs import RunDir, write_atomic
+from mlxft.runs import RunDir
 
 # Families whose Model is `lm_head(model(inputs))` (or tied embeddings) with nothing
 # in between, so hidden states can be gathered at supervised positions before the head.
 _SPARSE_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3"}
+
+# Validations in a row with rising validation loss (while train loss falls) before the
+# overfitting alarm: one or two rises are often noise on a small validation subset.
+OVERFIT_RISES = 3
+
+
+class TrainingDiverged(MlxftError):
+    """The loss or the gradients became NaN/inf; the run stopped before saving that state."""
 
 
 @dataclass
@@ -51,6 +64,9 @@ class TrainResult:
     supervised_tokens_per_sec: float
     tokens_per_sec: float
     peak_memory_gb: float
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 # ---------------------------------------------------------------- model set-up
@@ -96,16 +112,6 @@ def adapter_config(recipe: Recipe, n_layers: int, base: BaseModel) -> dict:
         "chat_template": base.tokenizer.chat_template,
         "recipe": recipe.name,
     }
-
-
-def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = out_dir / f".adapters-{os.getpid()}.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, out_dir / "adapters.safetensors")
-    write_atomic(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- batches and loss
@@ -241,41 +247,103 @@ def resolve_data_dir(path: str | Path) -> Path:
     return alt if alt.exists() else p
 
 
-def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print) -> TrainResult:
-    """Fine-tune the recipe's base model on `data_dir` and write a run folder."""
-    data_dir = resolve_data_dir(data_dir or recipe.data.path)
+def recipe_from_dict(data: dict) -> Recipe:
+    """Rebuild the Recipe a run recorded in config.json, so a resumed run trains with exactly it."""
+
+    def build(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    sections = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig}
+    recipe = build(Recipe, {k: v for k, v in data.items() if k not in sections and k != "tiers"})
+    for name, cls in sections.items():
+        setattr(recipe, name, build(cls, data.get(name) or {}))
+    # JSON turned the tier numbers into strings.
+    recipe.tiers = {int(k): build(TierConfig, v) for k, v in (data.get("tiers") or {}).items()}
+    return recipe
+
+
+def check_train_settings(t: TrainConfig) -> None:
+    """Settings the recipe loader does not range-check yet; all problems in one message."""
+    problems = []
+    if t.save_every < 0:
+        problems.append(f"train.save_every={t.save_every}: expected 0 (only at the end) or a positive step count")
+    if t.keep_checkpoints < 1:
+        problems.append(f"train.keep_checkpoints={t.keep_checkpoints}: expected at least 1 (resume needs one)")
+    if (t.early_stopping_patience or 0) < 0 or t.early_stopping_min_delta < 0:
+        problems.append("train.early_stopping_patience and train.early_stopping_min_delta must not be negative")
+    if t.val_every < 1 or t.report_every < 1:
+        problems.append(f"train.val_every={t.val_every} and train.report_every={t.report_every} must be positive")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class Session:
+    """What one training run works with: built by `_prepare`, driven by `_run`."""
+
+    recipe: Recipe
+    run: RunDir
+    config: dict  # config.json as written; updated with best/result as the run goes
+    adapter_cfg: dict
+    model: nn.Module
+    optimizer: optim.Optimizer
+    loss_fn: Callable
+    loss_and_grad: Callable
+    train_set: list[Encoded]
+    valid_set: list[Encoded]
+    steps: int
+    log: Callable
+    order: list[np.ndarray] = dataclasses.field(default_factory=list)  # batch_order of `order_epoch`
+    order_epoch: int = -1
+
+
+def _load(recipe: Recipe, data_dir: Path, log) -> tuple[BaseModel, list[Encoded], list[Encoded]]:
+    """Base model and encoded train/valid rows."""
     splits = load_splits(data_dir, ("train", "valid"))
     base = load_base(recipe.model.source, recipe.quantize)
     log(f"base model: {base.path} [{base.precision}]")
     log(base.note)
     if base.default_template:
         log("the base model has no chat template: using mlxft's default ChatML template (recorded in the run)")
-    model, tokenizer = base.model, base.tokenizer
     t = recipe.train
     system = recipe.data.system_prompt
-    train_set = encode_rows(tokenizer, splits["train"], system, t.max_seq_length)
-    valid_set = encode_rows(tokenizer, splits["valid"], system, t.max_seq_length)
+    train_set = encode_rows(base.tokenizer, splits["train"], system, t.max_seq_length)
+    valid_set = encode_rows(base.tokenizer, splits["valid"], system, t.max_seq_length)
     if len(train_set) < t.batch_size:
         raise DataError(f"{data_dir}/train.jsonl has {len(train_set)} rows, fewer than batch_size={t.batch_size}")
+    return base, train_set, valid_set
 
+
+def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir, config: dict, log) -> Session:
+    """Seed, attach adapters and build the optimizer: the same on a fresh start and on resume."""
+    t = recipe.train
     mx.random.seed(t.seed)
     np.random.seed(t.seed)
+    model = base.model
     attach_adapters(model, recipe)
     if t.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
     model.train()
-    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
-
     steps = total_steps(recipe, len(train_set))
     optimizer = optim.AdamW(learning_rate=build_schedule(recipe, steps), weight_decay=t.weight_decay)
     loss_fn = make_loss(model, recipe.model.family)
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    return Session(
+        recipe, run, config, adapter_config(recipe, len(model.layers), base), model, optimizer,
+        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log,
+    )
 
-    run = RunDir.create(recipe.name, runs_root)
-    config = {
+
+def _run_card(recipe: Recipe, base: BaseModel, data_dir: Path, train_set, valid_set, steps: int) -> dict:
+    """config.json: the resolved recipe, data hashes, base model, library versions, machine."""
+    n_trainable = sum(v.size for _, v in tree_flatten(base.model.trainable_parameters()))
+    n_total = sum(v.size for _, v in tree_flatten(base.model.parameters()))
+    return {
         "recipe": dataclasses.asdict(recipe),
         "data": {
             "path": str(data_dir.resolve()),
@@ -284,9 +352,9 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
             "supervised_tokens": {"train": int(sum(e.mask.sum() for e in train_set))},
         },
         "base_model": {"source": recipe.model.source, "path": str(base.path), "precision": base.precision, "note": base.note},
-        "chat_template": tokenizer.chat_template,
+        "chat_template": base.tokenizer.chat_template,
         "default_chat_template": base.default_template,
-        "system_prompt": system,
+        "system_prompt": recipe.data.system_prompt,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "steps": steps,
@@ -294,106 +362,287 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "device": str(mx.default_device())},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    run.write_config(config)
-    adapter_cfg = adapter_config(recipe, len(model.layers), base)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print) -> TrainResult:
+    """Fine-tune the recipe's base model on `data_dir` and write a run folder."""
+    check_train_settings(recipe.train)
+    data_dir = resolve_data_dir(data_dir or recipe.data.path)
+    base, train_set, valid_set = _load(recipe, data_dir, log)
+    run = RunDir.create(recipe.name, runs_root)
+    s = _prepare(recipe, base, train_set, valid_set, run, {}, log)
+    s.config = _run_card(recipe, base, data_dir, train_set, valid_set, s.steps)
+    run.write_config(s.config)
+    t = recipe.train
     log(f"run folder: {run.root}")
     log(
-        f"training {n_trainable / 1e6:.2f}M of {n_total / 1e6:.1f}M parameters ({recipe.fine_tune_type}), "
-        f"{len(train_set)} train / {len(valid_set)} valid rows, {steps} steps of batch {t.batch_size}x{t.grad_accumulation}"
+        f"training {s.config['trainable_parameters'] / 1e6:.2f}M of {s.config['total_parameters'] / 1e6:.1f}M "
+        f"parameters ({recipe.fine_tune_type}), {len(train_set)} train / {len(valid_set)} valid rows, "
+        f"{s.steps} steps of batch {t.batch_size}x{t.grad_accumulation}"
     )
+    return _run(s, Progress())
 
+
+def resume(run_path: str | Path, log=print) -> TrainResult:
+    """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
+    run = RunDir.open(run_path)
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise MlxftError(
+            f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing); "
+            "checkpoints are written every train.save_every steps"
+        )
+    config = run.read_config()
+    recipe = recipe_from_dict(config["recipe"])
+    data_dir = Path(config["data"]["path"])
+    _check_same_data(data_dir, config["data"]["sha256"])
+    base, train_set, valid_set = _load(recipe, data_dir, log)
+    s = _prepare(recipe, base, train_set, valid_set, run, config, log)
+    progress = load_checkpoint(ckpt, s.model, s.optimizer)
+    if progress.stop_reason:
+        raise MlxftError(f"{run.root} already finished ({progress.stop_reason} at step {progress.step}); nothing to resume")
+    truncate_metrics(run, progress.step)
+    run.log_metrics({"step": progress.step, "event": "resumed", "checkpoint": ckpt.name})
+    config.setdefault("resumed", []).append({"from_step": progress.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    run.write_config(config)
+    log(f"resuming {run.root} from {ckpt.name} (step {progress.step} of {s.steps})")
+    return _run(s, progress)
+
+
+def _check_same_data(data_dir: Path, recorded: dict) -> None:
+    for split, digest in recorded.items():
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file() or _sha256(path) != digest:
+            raise DataError(
+                f"{path} is missing or changed since the run started; resuming would not continue the same run "
+                "(start a new run instead)"
+            )
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _run(s: Session, p: Progress) -> TrainResult:
+    """Train from `p` to the end (or early stop), checkpointing; Ctrl-C checkpoints and re-raises."""
     from tqdm import tqdm
 
-    lengths = np.array([len(e.ids) for e in train_set])
-    order: list[np.ndarray] = []
-    epoch = 0
+    t = s.recipe.train
     mx.reset_peak_memory()
-    tokens = sup_tokens = 0
-    window_loss = window_n = 0.0
-    train_time = 0.0
-    val_loss = None
-    last_loss = float("nan")
-    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    state = [model.state, optimizer.state]
+    bar = tqdm(total=s.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        for step in range(1, steps + 1):
-            tic = time.perf_counter()
-            grads_acc = None
-            step_loss = 0.0
-            for _ in range(t.grad_accumulation):
-                if not order:
-                    order = batch_order(lengths, t.batch_size, t.seed, epoch)
-                    epoch += 1
-                batch = [train_set[i] for i in order.pop(0)]
-                inputs, targets, idx, n_tok, n_sup = collate(batch)
-                loss, grads = loss_and_grad(model, inputs, targets, idx)
-                grads_acc = grads if grads_acc is None else _tree_add(grads_acc, grads)
-                step_loss += loss
-                tokens += n_tok
-                sup_tokens += n_sup
-            if t.grad_accumulation > 1:
-                grads_acc = _tree_scale(grads_acc, 1.0 / t.grad_accumulation)
-                step_loss = step_loss / t.grad_accumulation
-            if t.max_grad_norm:
-                grads_acc, _ = optim.clip_grad_norm(grads_acc, t.max_grad_norm)
-            optimizer.update(model, grads_acc)
-            mx.eval(state, step_loss)
-            train_time += time.perf_counter() - tic
-            last_loss = step_loss.item()
-            if not math.isfinite(last_loss):
-                raise DataError(
-                    f"loss became {last_loss} at step {step}: lower train.learning_rate (now {t.learning_rate}) "
-                    "or check the data for empty or extremely long rows"
-                )
-            window_loss += last_loss
-            window_n += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / train_time:.0f}", val=f"{val_loss:.3f}" if val_loss else "-")
-            if step % t.report_every == 0 or step == steps:
-                run.log_metrics(
-                    {
-                        "step": step,
-                        "train_loss": window_loss / window_n,
-                        "learning_rate": float(optimizer.learning_rate.item()),
-                        "tokens": tokens,
-                        "supervised_tokens": sup_tokens,
-                        "tokens_per_sec": tokens / train_time,
-                        "supervised_tokens_per_sec": sup_tokens / train_time,
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                        "elapsed_sec": train_time,
-                    }
-                )
-                window_loss = window_n = 0
-            if valid_set and (step % t.val_every == 0 or step == steps):
-                model.eval()
-                val_loss = validation_loss(model, loss_fn, valid_set, t.batch_size, t.val_batches)
-                model.train()
-                run.log_metrics({"step": step, "val_loss": val_loss})
-                bar.write(f"step {step}: train loss {last_loss:.3f}, validation loss {val_loss:.3f}")
-    except KeyboardInterrupt:
+        with _deferred_sigint() as interrupted:
+            while p.step < s.steps and not p.stop_reason:
+                _train_step(s, p)
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.last_loss:.3f}", val=f"{p.val_loss:.3f}" if p.val_loss is not None else "-")
+                _after_step(s, p, bar.write)
+                saved = False
+                if p.step < s.steps and not p.stop_reason and t.save_every and p.step % t.save_every == 0:
+                    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
+                    saved = True
+                if interrupted.is_set():
+                    _stop_interrupted(s, p, saved)
+    finally:
         bar.close()
-        save_adapters(model, run.adapters, adapter_cfg)
-        log(f"\ninterrupted: adapters so far saved in {run.adapters}")
-        raise
-    bar.close()
-    save_adapters(model, run.adapters, adapter_cfg)
-    result = TrainResult(
-        run=run,
-        steps=steps,
-        final_train_loss=last_loss,
-        final_val_loss=val_loss,
-        seconds=train_time,
-        supervised_tokens_per_sec=sup_tokens / train_time,
-        tokens_per_sec=tokens / train_time,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    return _finish(s, p)
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """First Ctrl-C: finish the current step, then checkpoint and stop. A second Ctrl-C stops at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
+    t = s.recipe.train
+    if not saved:
+        save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
+    save_adapters(s.model, s.run.adapters, s.adapter_cfg)
+    s.log(
+        f"\ninterrupted at step {p.step} of {s.steps}: checkpoint saved in {s.run.checkpoint(p.step)}\n"
+        f"resume with: mlxft train --resume {s.run.root}"
     )
-    config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
-    config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    run.write_config(config)
-    log(
-        f"done: {steps} steps in {train_time:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
+    raise KeyboardInterrupt
+
+
+def _next_batch(s: Session, p: Progress) -> list[Encoded]:
+    """The next micro-batch: position `p.position` of epoch `p.epoch`'s deterministic order."""
+    t = s.recipe.train
+    if s.order_epoch != p.epoch:
+        s.order = batch_order(np.array([len(e.ids) for e in s.train_set]), t.batch_size, t.seed, p.epoch)
+        s.order_epoch = p.epoch
+    batch = [s.train_set[i] for i in s.order[p.position]]
+    p.position += 1
+    if p.position == len(s.order):
+        p.epoch, p.position = p.epoch + 1, 0
+    return batch
+
+
+def _train_step(s: Session, p: Progress) -> None:
+    """One optimizer step over grad_accumulation micro-batches; refuses to apply a non-finite update."""
+    t = s.recipe.train
+    tic = time.perf_counter()
+    grads_acc, step_loss = None, 0.0
+    for _ in range(t.grad_accumulation):
+        inputs, targets, idx, n_tok, n_sup = collate(_next_batch(s, p))
+        loss, grads = s.loss_and_grad(s.model, inputs, targets, idx)
+        grads_acc = grads if grads_acc is None else _tree_add(grads_acc, grads)
+        step_loss += loss
+        p.tokens += n_tok
+        p.supervised_tokens += n_sup
+    if t.grad_accumulation > 1:
+        grads_acc = _tree_scale(grads_acc, 1.0 / t.grad_accumulation)
+        step_loss = step_loss / t.grad_accumulation
+    if t.max_grad_norm:
+        grads_acc, grad_norm = optim.clip_grad_norm(grads_acc, t.max_grad_norm)
+    else:
+        grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads_acc)))
+    mx.eval(step_loss, grad_norm, grads_acc)
+    loss_value, norm_value = step_loss.item(), grad_norm.item()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        raise TrainingDiverged(_divergence_message(s, p.step + 1, loss_value, norm_value))
+    s.optimizer.update(s.model, grads_acc)
+    mx.eval(s.model.state, s.optimizer.state)
+    p.train_seconds += time.perf_counter() - tic
+    p.step += 1
+    p.last_loss = loss_value
+    p.window_loss, p.window_n = p.window_loss + loss_value, p.window_n + 1
+    p.since_val_loss, p.since_val_n = p.since_val_loss + loss_value, p.since_val_n + 1
+
+
+def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
+    t = s.recipe.train
+    ckpt = latest_checkpoint(s.run)
+    kept = (
+        f"the last good checkpoint is {ckpt} (resume with: mlxft train --resume {s.run.root})"
+        if ckpt
+        else f"no checkpoint was written yet (the first comes at step {t.save_every})"
+    )
+    return (
+        f"training diverged at step {step}: loss {loss}, gradient norm {norm}; the step was not applied and {kept}. "
+        f"Likely causes: learning rate too high (train.learning_rate={t.learning_rate}: try 3-10x lower), "
+        f"gradients not clipped enough (train.max_grad_norm={t.max_grad_norm}: try 1.0), "
+        "a broken data row (empty or extremely long; check train.jsonl), "
+        "or fp16 overflow (train on a bf16 or fp32 base)"
+    )
+
+
+def _after_step(s: Session, p: Progress, write) -> None:
+    """Metrics line every report_every steps; validation, best adapter and early stopping every val_every."""
+    t = s.recipe.train
+    last = p.step == s.steps
+    if p.step % t.report_every == 0 or last:
+        s.run.log_metrics(
+            {
+                "step": p.step,
+                "train_loss": p.window_loss / p.window_n,
+                "learning_rate": float(s.optimizer.learning_rate.item()),
+                "tokens": p.tokens,
+                "supervised_tokens": p.supervised_tokens,
+                "tokens_per_sec": p.tokens / p.train_seconds,
+                "supervised_tokens_per_sec": p.supervised_tokens / p.train_seconds,
+                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                "elapsed_sec": p.train_seconds,
+            }
+        )
+        p.window_loss, p.window_n = 0.0, 0
+    if s.valid_set and (p.step % t.val_every == 0 or last):
+        _validate(s, p, write)
+
+
+def _validate(s: Session, p: Progress, write) -> None:
+    t = s.recipe.train
+    s.model.eval()
+    p.val_loss = validation_loss(s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
+    s.model.train()
+    s.run.log_metrics({"step": p.step, "val_loss": p.val_loss})
+    write(f"step {p.step}: train loss {p.last_loss:.3f}, validation loss {p.val_loss:.3f}")
+    p.history.append([p.val_loss, p.since_val_loss / max(p.since_val_n, 1)])
+    p.since_val_loss, p.since_val_n = 0.0, 0
+    if p.best_val_loss is None or p.val_loss < p.best_val_loss:
+        p.best_val_loss, p.best_step = p.val_loss, p.step
+        save_adapters(s.model, s.run.best_dir, s.adapter_cfg)
+        s.config["best"] = {"step": p.step, "val_loss": p.val_loss, "path": str(s.run.best_dir)}
+        s.run.write_config(s.config)
+    if _overfitting(p.history):
+        s.run.log_metrics({"step": p.step, "event": "overfitting", "val_loss": [h[0] for h in p.history[-OVERFIT_RISES - 1:]]})
+        write(
+            f"warning: validation loss rose {OVERFIT_RISES} validations in a row while train loss fell: the model is "
+            f"memorising the training rows (best adapter so far: step {p.best_step}, kept in {s.run.best_dir})"
+        )
+    _early_stopping(s, p, write)
+
+
+def _overfitting(history: list[list[float]]) -> bool:
+    """True on the validation that completes OVERFIT_RISES rises in a row while train loss fell over them."""
+    if len(history) < OVERFIT_RISES + 1:
+        return False
+    recent = history[-OVERFIT_RISES - 1 :]
+    rising = all(b[0] > a[0] for a, b in zip(recent, recent[1:]))
+    longer = len(history) > OVERFIT_RISES + 1 and history[-OVERFIT_RISES - 1][0] > history[-OVERFIT_RISES - 2][0]
+    return rising and not longer and recent[-1][1] < recent[0][1]
+
+
+def _early_stopping(s: Session, p: Progress, write) -> None:
+    """Stop after `patience` validations without beating the reference by min_delta."""
+    t = s.recipe.train
+    if p.patience_ref is None or p.val_loss < p.patience_ref - t.early_stopping_min_delta:
+        p.patience_ref, p.bad_evals = p.val_loss, 0
+        return
+    p.bad_evals += 1
+    if t.early_stopping_patience and p.bad_evals >= t.early_stopping_patience:
+        p.stop_reason = "early stopping"
+        s.run.log_metrics({"step": p.step, "event": "early_stop", "best_step": p.best_step, "best_val_loss": p.best_val_loss})
+        write(
+            f"early stopping at step {p.step}: validation loss has not improved by {t.early_stopping_min_delta} "
+            f"for {p.bad_evals} validations; best {p.best_val_loss:.4f} at step {p.best_step} ({s.run.best_dir})"
+        )
+
+
+def _finish(s: Session, p: Progress) -> TrainResult:
+    """Final adapters, final checkpoint (marked finished) and the result in config.json."""
+    t = s.recipe.train
+    stopped_early = p.stop_reason == "early stopping"
+    p.stop_reason = p.stop_reason or "done"
+    save_adapters(s.model, s.run.adapters, s.adapter_cfg)
+    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
+    seconds = max(p.train_seconds, 1e-9)
+    result = TrainResult(
+        run=s.run,
+        steps=p.step,
+        final_train_loss=p.last_loss,
+        final_val_loss=p.val_loss,
+        seconds=p.train_seconds,
+        supervised_tokens_per_sec=p.supervised_tokens / seconds,
+        tokens_per_sec=p.tokens / seconds,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        best_val_loss=p.best_val_loss,
+        best_step=p.best_step,
+        stopped_early=stopped_early,
+    )
+    s.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
+    s.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    s.run.write_config(s.config)
+    s.log(
+        f"done: {p.step} steps in {p.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
         f"({result.supervised_tokens_per_sec:.1f} supervised/s), peak memory {result.peak_memory_gb:.2f} GB; "
-        f"adapters in {run.adapters}"
+        f"adapters in {s.run.adapters}" + (f" (best: {s.run.best_dir}, step {p.best_step})" if p.best_step else "")
     )
     return result
 
