@@ -216,9 +216,9 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
     if fix_out:
         from mlxft.prepare import write_clean
 
-        kept = write_clean(report, fix_out)
+        kept, dropped = write_clean(report, fix_out)
         click.echo(f"wrote a cleaned copy to {fix_out}: " + ", ".join(f"{s} {n} rows" for s, n in kept.items())
-                   + f"; {len(report.dropped)} rows dropped (see fix_log.jsonl); the input is unchanged")
+                   + f"; {dropped} rows dropped (see fix_log.jsonl); the input is unchanged")
     if not report.ok:
         sys.exit(1)
 

@@ -50,10 +50,25 @@ def read_chat_jsonl(path: Path) -> list[dict]:
 
 
 def load_splits(data_dir: Path, splits=("train", "valid")) -> dict[str, list[dict]]:
+    """Normalised rows of each split in `data_dir`: train/valid/test in any format mlxft reads.
+
+    Chat JSONL is read as is; ShareGPT, Alpaca, completions, text and preference files
+    (JSONL, JSON array, CSV/TSV) are normalised on the way. Any error stops the load.
+    """
+    from mlxft.formats import load_dataset
+
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data folder not found: {data_dir}")
-    return {s: read_chat_jsonl(data_dir / f"{s}.jsonl") for s in splits}
+    ds = load_dataset(data_dir)
+    missing = [s for s in splits if s not in ds.splits]
+    if missing:
+        raise DataError(f"{data_dir}: no {'/'.join(missing)} split (expected {missing[0]}.jsonl)")
+    errors = [p for p in ds.problems if p.severity == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more; run: mlxft data check {data_dir})" if len(errors) > 1 else ""
+        raise DataError(f"{errors[0]}{more}")
+    return {s: [e.row for e in ds.splits[s]] for s in splits}
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -63,10 +78,9 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
     return messages
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    )
+def _render(tokenizer, messages, add_generation_prompt: bool, tools=None) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=True,
+                                              add_generation_prompt=add_generation_prompt))
 
 
 def prompt_ids(tokenizer, messages: list[dict], system_prompt: str | None = None) -> list[int]:
@@ -80,7 +94,7 @@ class Encoded:
     mask: np.ndarray  # bool (T,): True where ids[t] is a supervised target
 
 
-def encode_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> Encoded:
+def encode_conversation(tokenizer, messages: list[dict], max_length: int | None = None, tools=None) -> Encoded:
     """Render a conversation and mark every assistant turn's tokens as supervised.
 
     For assistant turn i the supervised span runs from the end of the prompt
@@ -88,14 +102,14 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int | None 
     of messages[:i+1], cut just after the first end-of-turn token in it (so the
     newline a template puts after the end token is not learned).
     """
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     mask = np.zeros(len(full), dtype=bool)
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        end = len(_render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools))
         for t in range(start, end):
             if full[t] in eos:
                 end = t + 1
@@ -107,7 +121,109 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int | None 
     return Encoded(ids, mask)
 
 
-def encode_rows(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int) -> list[Encoded]:
-    return [
-        encode_conversation(tokenizer, with_system_prompt(r["messages"], system_prompt), max_length) for r in rows
-    ]
+def encode_rows(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int | None) -> list[Encoded]:
+    """Encode normalised rows as `encode_conversation` does, rendering once and tokenizing in batches."""
+    rendered = []
+    for i, row in enumerate(rows):
+        try:
+            rendered.append(render_row(tokenizer, row, system_prompt))
+        except DataError as e:
+            raise DataError(f"row {i + 1}: {e}") from None
+    return encode_rendered(tokenizer, rendered, max_length)
+
+
+# ---------------------------------------------------------------- batched encoding
+
+
+@dataclass
+class Rendered:
+    """A row as text: the full rendering, plus per assistant turn the prompt and the text through it."""
+
+    text: str
+    turns: list[tuple[str, str]]
+    plain: bool = False  # a {"text": ...} row: every token is supervised, then end-of-sequence
+
+
+def render_row(tokenizer, row: dict, system_prompt: str | None = None) -> Rendered:
+    """Render a normalised row with the chat template; DataError if the template cannot."""
+    if "text" in row:
+        return Rendered(row["text"], [], plain=True)
+    messages, tools = with_system_prompt(row["messages"], system_prompt), row.get("tools") or None
+
+    def text(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+
+    try:
+        turns = [(text(messages[:i], True), text(messages[: i + 1], False))
+                 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return Rendered(text(messages, False), turns)
+    except Exception as e:  # jinja raises TemplateError, TypeError, ...: all mean "cannot render"
+        raise DataError(f"the chat template cannot render this row ({type(e).__name__}: {e})") from None
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as apply_chat_template(tokenize=True) gives them, in one batch."""
+    fast = getattr(getattr(tokenizer, "_tokenizer", None), "_tokenizer", None)
+    if fast is not None and hasattr(fast, "encode_batch"):  # the Rust tokenizer: parallel batch encode
+        return [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
+    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+
+
+def eos_ids(tokenizer) -> set[int]:
+    return set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+
+
+def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None = None,
+                    chunk: int = 4096) -> list[Encoded]:
+    """Ids and masks for rendered rows (same rule as `encode_conversation`), tokenized in chunks."""
+    out = []
+    for lo in range(0, len(rendered), chunk):
+        part = rendered[lo : lo + chunk]
+        texts = [t for r in part for t in (r.text, *(x for turn in r.turns for x in turn))]
+        ids = iter(encode_texts(tokenizer, texts))
+        for r in part:
+            full = next(ids)
+            spans = [(len(next(ids)), len(next(ids))) for _ in r.turns]
+            out.append(_mask(tokenizer, full, spans, r.plain, max_length))
+    return out
+
+
+def _mask(tokenizer, full: list[int], spans, plain: bool, max_length: int | None) -> Encoded:
+    eos = eos_ids(tokenizer)
+    if plain:
+        full = full + [tokenizer.eos_token_id]
+        mask = np.ones(len(full), dtype=bool)
+    else:
+        mask = np.zeros(len(full), dtype=bool)
+        for start, end in spans:
+            for t in range(start, end):
+                if full[t] in eos:  # stop after the end-of-turn token, as encode_conversation does
+                    end = t + 1
+                    break
+            mask[start:end] = True
+    ids = np.asarray(full, dtype=np.int32)
+    if max_length is not None and len(ids) > max_length:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return Encoded(ids, mask)
+
+
+def load_tokenizer(source: str):
+    """The tokenizer `load_base(source)` would give (with DEFAULT_CHAT_TEMPLATE when the model has none),
+    without loading the weights. Returns (tokenizer, used_default_template)."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    from mlxft.models import BUILTIN_PREFIX, DEFAULT_CHAT_TEMPLATE, backend, resolve_model
+
+    gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
+    path = resolve_model(source, dequantize=("fp32" if backend() == "cpu" else "bf16") if gguf_like else None)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tokenizer = mlx_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        from mlxft.errors import ModelError
+
+        raise ModelError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer._tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        return tokenizer, True
+    return tokenizer, False
