@@ -223,5 +223,32 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
         sys.exit(1)
 
 
+@main.command()
+@click.option("--base", default=None, help="Base model (builtin:, folder, .gguf, hub id); default: the adapters' own base.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Serve a run or adapters folder as model NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you mean otherwise).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--max-tokens-cap", type=int, default=2048, show_default=True, help="Largest max_tokens a request may ask for.")
+@click.option("--max-queue", type=int, default=32, show_default=True, help="Queued requests before answering 429.")
+@friendly
+def serve(base, adapters, host, port, max_tokens_cap, max_queue):
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
+    from mlxft.serve import Limits, load_engine, make_server, parse_adapter_args
+
+    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
+                         log=click.echo)
+    try:
+        server = make_server(engine, host, port)
+    except OSError as e:
+        raise MlxftError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"WARNING: listening on {host}: anyone who can reach it can use the models (admin stays loopback-only)")
+    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":
     main()
