@@ -74,3 +74,70 @@ def test_bad_rows_name_file_and_line(tmp_path):
     p.write_bytes(b"\xff\xfe\n")
     with pytest.raises(DataError, match="UTF-8"):
         read_chat_jsonl(p)
+
+
+def test_template_less_base_gets_the_default_template_and_parity(tmp_path):
+    """A base model with no chat template trains and infers with models.DEFAULT_CHAT_TEMPLATE."""
+    from conftest import make_tiny_llama
+
+    from mlxft.data import load_tokenizer
+    from mlxft.models import DEFAULT_CHAT_TEMPLATE, load_base
+
+    path = make_tiny_llama(tmp_path / "no-template", chat_template=None)
+    base = load_base(str(path))
+    assert base.default_template and base.tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    tok, default = load_tokenizer(str(path))  # what `mlxft data check` renders with
+    assert default and tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "alpha"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "beta"}]
+    enc = encode_conversation(base.tokenizer, with_system_prompt(msgs, "Be terse."))
+    starts = [i for i in range(1, len(enc.mask)) if enc.mask[i] and not enc.mask[i - 1]]
+    assert len(starts) == 2
+    for start, upto in zip(starts, (1, 3)):  # each assistant turn's prompt == the inference prompt
+        assert enc.ids[:start].tolist() == prompt_ids(base.tokenizer, msgs[:upto], "Be terse.")
+        assert enc.ids[:start].tolist() == prompt_ids(tok, msgs[:upto], "Be terse.")
+
+
+def test_batched_encoding_equals_encode_conversation(tokenizer):
+    from mlxft.data import encode_rows
+
+    rows = [
+        {"messages": [{"role": "user", "content": "x y"}, {"role": "assistant", "content": "alpha"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                      {"role": "assistant", "content": "a2 b2"}]},
+    ]
+    for max_length in (None, 12):
+        batched = encode_rows(tokenizer, rows, "Sys", max_length)
+        for row, enc in zip(rows, batched):
+            ref = encode_conversation(tokenizer, with_system_prompt(row["messages"], "Sys"), max_length)
+            assert enc.ids.tolist() == ref.ids.tolist() and enc.mask.tolist() == ref.mask.tolist()
+    text = encode_rows(tokenizer, [{"text": "plain words"}], "Sys", None)[0]
+    assert text.mask.all() and text.ids[-1] == tokenizer.eos_token_id
+
+
+TOOL_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['name'] }}"
+    "({{ c['function']['arguments'] | tojson }})</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_calls_render_and_are_supervised(tmp_path):
+    from conftest import make_tiny_llama
+
+    from mlxft.data import load_tokenizer
+    from mlxft.lint import check_path
+
+    tok, _ = load_tokenizer(str(make_tiny_llama(tmp_path / "tools", chat_template=TOOL_CHATML)))
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "12C"},
+            {"role": "assistant", "content": "12C."}]
+    enc = encode_conversation(tok, msgs)
+    supervised = tok.decode(enc.ids[enc.mask].tolist())
+    assert "get_weather" in supervised and "12C." in supervised and "weather?" not in supervised
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
+    assert check_path(tmp_path, None, tok).ok
