@@ -325,10 +325,6 @@ def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir,
     np.random.seed(t.seed)
     model = base.model
     attach_adapters(model, recipe)
-    if t.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
     model.train()
     steps = total_steps(recipe, len(train_set))
     optimizer = optim.AdamW(learning_rate=build_schedule(recipe, steps), weight_decay=t.weight_decay)
@@ -433,7 +429,7 @@ def _run(s: Session, p: Progress) -> TrainResult:
     mx.reset_peak_memory()
     bar = tqdm(total=s.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        with _deferred_sigint() as interrupted:
+        with _grad_checkpointing(s.model, t.grad_checkpoint), _deferred_sigint() as interrupted:
             while p.step < s.steps and not p.stop_reason:
                 _train_step(s, p)
                 bar.update(1)
@@ -448,6 +444,28 @@ def _run(s: Session, p: Progress) -> TrainResult:
     finally:
         bar.close()
     return _finish(s, p)
+
+
+@contextlib.contextmanager
+def _grad_checkpointing(model: nn.Module, enabled: bool):
+    """Recompute block activations in the backward pass, for this run only.
+
+    mlx-lm's grad_checkpoint patches the block *class*, so without the restore every later
+    model of that family in the process (tests, notebooks) would silently train checkpointed,
+    and with dropout that changes the loss curve.
+    """
+    if not enabled:
+        yield
+        return
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    block = type(model.layers[0])
+    original = block.__call__
+    grad_checkpoint(model.layers[0])
+    try:
+        yield
+    finally:
+        block.__call__ = original
 
 
 @contextlib.contextmanager
