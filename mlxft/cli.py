@@ -250,5 +250,18 @@ def serve(base, adapters, host, port, max_tokens_cap, max_queue):
         server.server_close()
 
 
+@main.command()
+@click.argument("run")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dequantize", is_flag=True, help="Write dense weights even when the base is quantized.")
+@friendly
+def fuse(run, out_dir, dequantize):
+    """Merge RUN's adapter into its base and write an mlx-lm/HF model folder (verified before it is kept)."""
+    from mlxft.fuse import fuse_run
+
+    report = fuse_run(run, out_dir, dequantize=dequantize, log=click.echo)
+    click.echo(f"wrote {report.out}")
+
+
 if __name__ == "__main__":
     main()
