@@ -599,7 +599,8 @@ def _validate(s: Session, p: Progress, write) -> None:
         s.config["best"] = {"step": p.step, "val_loss": p.val_loss, "path": str(s.run.best_dir)}
         s.run.write_config(s.config)
     if _overfitting(p.history):
-        s.run.log_metrics({"step": p.step, "event": "overfitting", "val_loss": [h[0] for h in p.history[-OVERFIT_RISES - 1:]]})
+        recent = [h[0] for h in p.history[-OVERFIT_RISES - 1 :]]
+        s.run.log_metrics({"step": p.step, "event": "overfitting", "val_losses": recent})
         write(
             f"warning: validation loss rose {OVERFIT_RISES} validations in a row while train loss fell: the model is "
             f"memorising the training rows (best adapter so far: step {p.best_step}, kept in {s.run.best_dir})"

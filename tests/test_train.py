@@ -96,3 +96,183 @@ def test_batch_order_is_deterministic_and_complete():
     flat = np.concatenate(a)
     assert len(set(flat.tolist())) == len(flat) >= 96
     assert [x.tolist() for x in batch_order(lengths, 8, 3, 1)] != [x.tolist() for x in a]
+
+
+# ---------------------------------------------------------------- training you can trust
+
+
+def quiet(*_):
+    pass
+
+
+def metrics(run_root):
+    return [json.loads(line) for line in (run_root / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_recipe_data_and_seed_give_the_same_loss_curve(tiny_model, tiny_data, tmp_path):
+    curves = []
+    for _ in range(2):
+        r = tiny_recipe(tiny_model, tiny_data, iters=12, report_every=2, val_every=6)
+        r.lora.dropout = 0.1  # the dropout masks must repeat too
+        run = train(r, runs_root=tmp_path, log=quiet).run.root
+        curves.append([(m["step"], m.get("train_loss"), m.get("val_loss")) for m in metrics(run) if "event" not in m])
+    assert curves[0] == curves[1] and len(curves[0]) == 8
+    cfg = json.loads((run / "config.json").read_text())
+    assert set(cfg["versions"]) >= {"mlx", "mlx-lm", "numpy", "python"} and set(cfg["data"]["sha256"]) == {"train", "valid"}
+
+
+def test_epochs_set_the_step_count_and_walk_the_data_order(tiny_model, tiny_data, tmp_path):
+    r = tiny_recipe(tiny_model, tiny_data, iters=None, epochs=2, save_every=0, val_every=100)
+    res = train(r, runs_root=tmp_path, log=quiet)
+    assert res.steps == 2 * (64 // 8)  # 64 rows, batch 8
+    state = json.loads((res.run.root / "checkpoints" / "step-000016" / "state.json").read_text())
+    assert (state["epoch"], state["position"], state["stop_reason"]) == (2, 0, "done")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedules_warm_up_then_follow_their_shape(tiny_model, tiny_data, schedule):
+    from mlxft.train import build_schedule
+
+    lr = 1e-3
+    sched = build_schedule(tiny_recipe(tiny_model, tiny_data, learning_rate=lr, lr_schedule=schedule, warmup_steps=10), 110)
+    at = lambda step: sched(mx.array(step)).item()  # noqa: E731
+    assert at(0) == pytest.approx(0.1 * lr) and at(5) == pytest.approx(0.55 * lr) and at(10) == pytest.approx(lr)
+    end = {"constant": lr, "linear": 0.1 * lr, "cosine": 0.1 * lr}[schedule]
+    assert at(110) == pytest.approx(end, rel=1e-4)
+    if schedule == "cosine":  # cosine stays high longer than linear, then falls
+        assert at(35) > 0.8 * lr
+
+
+def test_grad_checkpointing_does_not_leak_into_later_models(tiny_model, tiny_data, tmp_path):
+    from mlx_lm.models import llama
+
+    before = llama.TransformerBlock.__call__
+    train(tiny_recipe(tiny_model, tiny_data, iters=2, grad_checkpoint=True), runs_root=tmp_path, log=quiet)
+    assert llama.TransformerBlock.__call__ is before
+
+
+def test_checkpoints_are_complete_pruned_and_skip_half_written_ones(tiny_model, tiny_data, tmp_path):
+    from mlxft.checkpoint import latest_checkpoint, list_checkpoints
+    from mlxft.runs import RunDir
+
+    res = train(tiny_recipe(tiny_model, tiny_data, iters=12, save_every=3, keep_checkpoints=2), runs_root=tmp_path, log=quiet)
+    run = RunDir(res.run.root)
+    assert [p.name for p in list_checkpoints(run)] == ["step-000009", "step-000012"]
+    for ckpt in list_checkpoints(run):
+        assert {p.name for p in ckpt.iterdir()} == {"adapters.safetensors", "adapter_config.json", "optimizer.safetensors", "state.json"}
+    (run.checkpoints / ".tmp-step-000015-999").mkdir()  # what a writer killed mid-save leaves
+    assert latest_checkpoint(run).name == "step-000012"
+
+
+def poison_loss_at(monkeypatch, step: int):
+    """Make the training loss NaN on the `step`-th training forward pass (validation untouched)."""
+    import mlxft.train as train_module
+
+    real = train_module.make_loss
+    calls = {"n": 0}
+
+    def make_poisoned(model, family):
+        loss_fn = real(model, family)
+
+        def poisoned(model, *args):
+            loss = loss_fn(model, *args)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == step:
+                    return loss * float("nan")
+            return loss
+
+        return poisoned
+
+    monkeypatch.setattr(train_module, "make_loss", make_poisoned)
+
+
+def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(tiny_model, tiny_data, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxft.cli import main
+    from mlxft.train import resume
+
+    poison_loss_at(monkeypatch, 13)
+    out = CliRunner().invoke(main, ["train", "smollm2-135m", "--tier", "8", "--data", str(tiny_data), "--runs-dir", str(tmp_path),
+                                    "--model", str(tiny_model), "--set", "train.iters=20", "--set", "train.save_every=5",
+                                    "--set", "lora.num_layers=2", "--set", "train.batch_size=8"])
+    assert out.exit_code == 1
+    error = [line for line in out.output.splitlines() if line.startswith("mlxft: error:")]
+    assert len(error) == 1 and "diverged at step 13" in error[0] and "Traceback" not in out.output
+    for hint in ("train.learning_rate", "train.max_grad_norm", "train.jsonl", "fp16", "step-000010"):
+        assert hint in error[0]
+    run = next(tmp_path.iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+    assert not (run / "adapters" / "adapters.safetensors").exists()  # the poisoned weights were never written
+    saved = mx.load(str(run / "checkpoints" / "step-000010" / "adapters.safetensors"))
+    assert all(mx.isfinite(v).all().item() for v in saved.values())
+    monkeypatch.undo()
+    res = resume(run, log=quiet)  # the kept checkpoint is usable: training completes from it
+    assert res.steps == 20 and np.isfinite(res.final_train_loss)
+
+
+@pytest.fixture(scope="module")
+def memorisable_data(tmp_path_factory):
+    """Answers are random strings: the model can only memorise train rows, so validation loss soon rises."""
+    import random
+
+    rng = random.Random(1)
+    out = tmp_path_factory.mktemp("memorise")
+    for split, n in (("train", 8), ("valid", 16)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                msg = " ".join(rng.choice("xyzw") for _ in range(4))
+                answer = "".join(rng.choice("abcdefgh") for _ in range(8))
+                messages = [{"role": "user", "content": msg}, {"role": "assistant", "content": answer}]
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return out
+
+
+def test_early_stopping_ends_an_overfitting_run_and_keeps_the_best_adapter(tiny_model, memorisable_data, tmp_path, capsys):
+    from mlx_lm.utils import load
+
+    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.runs import RunDir
+    from mlxft.train import validation_loss
+
+    r = tiny_recipe(tiny_model, memorisable_data, iters=300, learning_rate=2e-3, lr_schedule="constant", warmup_steps=0,
+                    batch_size=4, val_every=5, val_batches=-1, save_every=0, early_stopping_patience=3)
+    r.lora.rank = 16
+    res = train(r, runs_root=tmp_path, log=quiet)
+    assert res.stopped_early and res.steps < 100
+    records = metrics(res.run.root)
+    val = {m["step"]: m["val_loss"] for m in records if "val_loss" in m}
+    best_step = min(val, key=val.get)
+    assert 5 < best_step < res.steps and res.best_step == best_step
+    assert any(m.get("event") == "overfitting" for m in records)
+    captured = capsys.readouterr()
+    assert "memorising" in captured.out + captured.err
+    assert any(m.get("event") == "early_stop" for m in records)
+    run = RunDir(res.run.root)
+    cfg = run.read_config()
+    assert cfg["best"]["step"] == best_step and run.best_adapters == run.best_dir
+    # Stock mlx-lm loads best/, and it scores exactly the lowest validation loss seen.
+    model, tok = load(str(tiny_model), adapter_path=str(run.best_dir))
+    rows = encode_rows(tok, read_chat_jsonl(memorisable_data / "valid.jsonl"), SYSTEM, 64)
+    loss = validation_loss(model, make_loss(model, "llama"), rows, 4, -1)
+    assert loss == pytest.approx(val[best_step], abs=1e-5)
+
+
+def test_qlora_on_a_quantized_base_trains_only_lora_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
+    import mlx.nn as nn
+
+    import mlxft.train as train_module
+    from mlxft.models import load_base
+
+    def load_quantized(source, quantize, training=True):
+        # mlxft dequantizes on CPU by design (its quantized matmul is slow); the test forces a 4-bit base.
+        base = load_base(source, quantize, training)
+        nn.quantize(base.model, group_size=32, bits=4)
+        return base
+
+    monkeypatch.setattr(train_module, "load_base", load_quantized)
+    res = train(tiny_recipe(tiny_model, tiny_data, iters=6, val_every=6), runs_root=tmp_path, log=quiet)
+    assert np.isfinite(res.final_train_loss)
+    keys = list(mx.load(str(res.run.root / "adapters" / "adapters.safetensors")))
+    assert keys and all(k.endswith(("lora_a", "lora_b")) for k in keys)
