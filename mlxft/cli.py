@@ -122,13 +122,20 @@ def eval_cmd(run, split):
 @main.command()
 @click.argument("target")
 @click.option("--prompt", "-p", required=True, help="The user message.")
+@click.option("--show-probs", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Print each step's top-K tokens before/after temperature, top-p, min-p, top-k.")
 @with_sampling
 @friendly
-def generate(target, prompt, temp, top_p, top_k, min_p, max_tokens, seed, system):
+def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Generate a reply from TARGET: a run folder or a model (builtin:, folder, .gguf, hub id)."""
     from mlxft.generate import Sampling, generate_text, load_target
 
     loaded = load_target(target)
+    if show_probs:
+        from mlxft.sampling import show_probs as show
+
+        return show(loaded, prompt, system if system is not None else loaded.system_prompt,
+                    Sampling(temp, top_p, top_k, min_p, max_tokens, seed), show_probs)
     generate_text(loaded, prompt, system if system is not None else loaded.system_prompt,
                   Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
 
