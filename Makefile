@@ -54,3 +54,9 @@ doctor: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# Benchmarks (not timed unit tests): data prepare + check on 100k chat rows.
+.PHONY: bench
+bench: setup
+	$(BIN)/python bench/data_bench.py
+	$(BIN)/python bench/serve_load.py

@@ -154,17 +154,24 @@ def render_row(tokenizer, row: dict, system_prompt: str | None = None) -> Render
         return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
 
     try:
-        turns = [(text(messages[:i], True), text(messages[: i + 1], False))
+        full = text(messages, False)
+        last = len(messages) - 1
+        turns = [(text(messages[:i], True), full if i == last else text(messages[: i + 1], False))
                  for i, m in enumerate(messages) if m["role"] == "assistant"]
-        return Rendered(text(messages, False), turns)
+        return Rendered(full, turns)
     except Exception as e:  # jinja raises TemplateError, TypeError, ...: all mean "cannot render"
         raise DataError(f"the chat template cannot render this row ({type(e).__name__}: {e})") from None
 
 
+def _fast_tokenizer(tokenizer):
+    fast = getattr(getattr(tokenizer, "_tokenizer", None), "_tokenizer", None)
+    return fast if fast is not None and hasattr(fast, "encode_batch") else None
+
+
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text as apply_chat_template(tokenize=True) gives them, in one batch."""
-    fast = getattr(getattr(tokenizer, "_tokenizer", None), "_tokenizer", None)
-    if fast is not None and hasattr(fast, "encode_batch"):  # the Rust tokenizer: parallel batch encode
+    fast = _fast_tokenizer(tokenizer)
+    if fast is not None:  # the Rust tokenizer: parallel batch encode
         return [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
@@ -175,15 +182,40 @@ def eos_ids(tokenizer) -> set[int]:
 
 def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None = None,
                     chunk: int = 4096) -> list[Encoded]:
-    """Ids and masks for rendered rows (same rule as `encode_conversation`), tokenized in chunks."""
+    """Ids and masks for rendered rows (same rule as `encode_conversation`), tokenized in chunks.
+
+    Only the full texts are tokenized: a turn boundary is the count of tokens before its
+    character offset when a token starts exactly there (the prefix then tokenizes to the
+    same ids); otherwise, or when a prefix is not a prefix of the full text, the prefix
+    itself is tokenized, as `encode_conversation` does.
+    """
+    fast = _fast_tokenizer(tokenizer)
     out = []
     for lo in range(0, len(rendered), chunk):
         part = rendered[lo : lo + chunk]
-        texts = [t for r in part for t in (r.text, *(x for turn in r.turns for x in turn))]
-        ids = iter(encode_texts(tokenizer, texts))
-        for r in part:
-            full = next(ids)
-            spans = [(len(next(ids)), len(next(ids))) for _ in r.turns]
+        if fast is None:
+            encodings = [None] * len(part)
+            fulls = encode_texts(tokenizer, [r.text for r in part])
+        else:
+            encodings = fast.encode_batch([r.text for r in part], add_special_tokens=False)
+            fulls = [e.ids for e in encodings]
+        slow: list[str] = []  # prefixes whose boundary does not fall on a token start
+        plans = []
+        for r, enc in zip(part, encodings):
+            starts = {o[0]: k for k, o in enumerate(enc.offsets)} if enc is not None and r.turns else {}
+            plan = []
+            for prefix in (x for turn in r.turns for x in turn):
+                k = starts.get(len(prefix)) if r.text.startswith(prefix) else None
+                if k is None and len(prefix) == len(r.text) and r.text == prefix:
+                    k = len(enc.ids) if enc is not None else None
+                if k is None:
+                    slow.append(prefix)
+                plan.append(k)
+            plans.append(plan)
+        slow_ids = iter(encode_texts(tokenizer, slow)) if slow else iter(())
+        for r, full, plan in zip(part, fulls, plans):
+            counts = [k if k is not None else len(next(slow_ids)) for k in plan]
+            spans = list(zip(counts[0::2], counts[1::2]))
             out.append(_mask(tokenizer, full, spans, r.plain, max_length))
     return out
 
