@@ -77,7 +77,8 @@ def stream(loaded: Loaded, messages: list[dict], system: str | None, sampling: S
         yield response.text
 
 
-def generate_text(loaded: Loaded, prompt: str, system: str | None, sampling: Sampling, out=sys.stdout) -> str:
+def generate_text(loaded: Loaded, prompt: str, system: str | None, sampling: Sampling, out=None) -> str:
+    out = out or sys.stdout  # looked up per call so redirected/captured stdout works
     pieces = []
     for piece in stream(loaded, [{"role": "user", "content": prompt}], system, sampling):
         out.write(piece)
@@ -87,8 +88,9 @@ def generate_text(loaded: Loaded, prompt: str, system: str | None, sampling: Sam
     return "".join(pieces)
 
 
-def chat_loop(loaded: Loaded, system: str | None, sampling: Sampling, read=input, out=sys.stdout) -> None:
+def chat_loop(loaded: Loaded, system: str | None, sampling: Sampling, read=input, out=None) -> None:
     """A terminal chat: /reset clears history, /exit (or Ctrl-D) leaves."""
+    out = out or sys.stdout
     history: list[dict] = []
     out.write("chat: /reset clears the conversation, /exit leaves\n")
     while True:
