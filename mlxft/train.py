@@ -435,10 +435,11 @@ def _run(s: Session, p: Progress) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{p.last_loss:.3f}", val=f"{p.val_loss:.3f}" if p.val_loss is not None else "-")
                 _after_step(s, p, bar.write)
-                saved = False
-                if p.step < s.steps and not p.stop_reason and t.save_every and p.step % t.save_every == 0:
+                if p.step == s.steps or p.stop_reason:
+                    break  # _finish writes the final checkpoint, even after a late Ctrl-C
+                saved = bool(t.save_every) and p.step % t.save_every == 0
+                if saved:
                     save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
-                    saved = True
                 if interrupted.is_set():
                     _stop_interrupted(s, p, saved)
     finally:
