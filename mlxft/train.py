@@ -548,17 +548,14 @@ def _train_step(s: Session, p: Progress) -> None:
 def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
     t = s.recipe.train
     ckpt = latest_checkpoint(s.run)
-    kept = (
-        f"the last good checkpoint is {ckpt} (resume with: mlxft train --resume {s.run.root})"
-        if ckpt
-        else f"no checkpoint was written yet (the first comes at step {t.save_every})"
-    )
+    kept = f"the last good checkpoint is {ckpt}" if ckpt else f"no checkpoint was written yet (the first comes at step {t.save_every})"
+    clip = f"lower train.max_grad_norm (now {t.max_grad_norm})" if t.max_grad_norm else "set train.max_grad_norm=1.0 (now off)"
+    precision = s.config.get("base_model", {}).get("precision", "?")
     return (
         f"training diverged at step {step}: loss {loss}, gradient norm {norm}; the step was not applied and {kept}. "
-        f"Likely causes: learning rate too high (train.learning_rate={t.learning_rate}: try 3-10x lower), "
-        f"gradients not clipped enough (train.max_grad_norm={t.max_grad_norm}: try 1.0), "
-        "a broken data row (empty or extremely long; check train.jsonl), "
-        "or fp16 overflow (train on a bf16 or fp32 base)"
+        f"Likely causes, most likely first: learning rate too high (try train.learning_rate={t.learning_rate / 5:.2g}, "
+        f"now {t.learning_rate}); {clip}; a broken row in train.jsonl (empty, or extremely long); "
+        f"fp16 overflow (the base is {precision}: use a bf16 or fp32 base). Change one and start a new run"
     )
 
 
