@@ -151,11 +151,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
     optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
-    fields = {f.name for f in dataclasses.fields(Progress)}
-    state = json.loads((path / "state.json").read_text())
-    progress = Progress(**{k: v for k, v in state.items() if k in fields})
+    progress = read_progress(path)
     restore_rng(progress.rng)
     return progress
+
+
+def read_progress(path: Path) -> Progress:
+    """A checkpoint's state.json, without touching its tensors."""
+    fields = {f.name for f in dataclasses.fields(Progress)}
+    state = json.loads((path / "state.json").read_text())
+    return Progress(**{k: v for k, v in state.items() if k in fields})
 
 
 def truncate_metrics(run: RunDir, step: int) -> None:

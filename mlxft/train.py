@@ -34,7 +34,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from mlxft.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_adapters, save_checkpoint, truncate_metrics
+from mlxft.checkpoint import (
+    Progress, latest_checkpoint, load_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
+)
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.data import Encoded, encode_rows, load_splits
 from mlxft.errors import ConfigError, DataError, MlxftError
@@ -391,6 +393,9 @@ def resume(run_path: str | Path, log=print) -> TrainResult:
             f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing); "
             "checkpoints are written every train.save_every steps"
         )
+    done = read_progress(ckpt)
+    if done.stop_reason:
+        raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")
     config = run.read_config()
     recipe = recipe_from_dict(config["recipe"])
     data_dir = Path(config["data"]["path"])
@@ -398,13 +403,13 @@ def resume(run_path: str | Path, log=print) -> TrainResult:
     base, train_set, valid_set = _load(recipe, data_dir, log)
     s = _prepare(recipe, base, train_set, valid_set, run, config, log)
     progress = load_checkpoint(ckpt, s.model, s.optimizer)
-    if progress.stop_reason:
-        raise MlxftError(f"{run.root} already finished ({progress.stop_reason} at step {progress.step}); nothing to resume")
     truncate_metrics(run, progress.step)
     run.log_metrics({"step": progress.step, "event": "resumed", "checkpoint": ckpt.name})
     config.setdefault("resumed", []).append({"from_step": progress.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     run.write_config(config)
     log(f"resuming {run.root} from {ckpt.name} (step {progress.step} of {s.steps})")
+    if config.get("versions") != versions():  # other kernels: close to, but not bit-identical with, a straight run
+        log(f"note: library versions differ from the run's start ({config.get('versions')} -> {versions()})")
     return _run(s, progress)
 
 
