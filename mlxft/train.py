@@ -303,6 +303,20 @@ class Session:
     order_epoch: int = -1
 
 
+def check_data(recipe: Recipe, data_dir: Path, log) -> None:
+    """Run `mlxft data check` before any weights load; refuse to train on errors."""
+    from mlxft.data import load_tokenizer
+    from mlxft.lint import check_path
+
+    report = check_path(data_dir, recipe, load_tokenizer(recipe.model.source)[0], required_splits=("train", "valid"))
+    if not report.ok:
+        raise DataError(
+            f"{report.errors[0]} ({len(report.errors)} error(s); nothing trained; see: mlxft data check {data_dir})"
+        )
+    if report.warnings:
+        log(f"data check: {len(report.warnings)} warning(s); see: mlxft data check {data_dir}")
+
+
 def _load(recipe: Recipe, data_dir: Path, log) -> tuple[BaseModel, list[Encoded], list[Encoded]]:
     """Base model and encoded train/valid rows."""
     splits = load_splits(data_dir, ("train", "valid"))
@@ -369,6 +383,7 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
     """Fine-tune the recipe's base model on `data_dir` and write a run folder."""
     check_train_settings(recipe.train)
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
+    check_data(recipe, data_dir, log)
     base, train_set, valid_set = _load(recipe, data_dir, log)
     run = RunDir.create(recipe.name, runs_root)
     s = _prepare(recipe, base, train_set, valid_set, run, {}, log)

@@ -93,19 +93,26 @@ def tiny_data(tmp_path_factory) -> Path:
 
     rng = random.Random(0)
     out = tmp_path_factory.mktemp("data")
+    seen: set[str] = set()  # unique rows: `mlxft data check` (run before training) refuses split leakage
     for split, n in (("train", 64), ("valid", 16), ("test", 12)):
         with open(out / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
+            written = 0
+            while written < n:
                 label = rng.choice(LABELS)
-                noise = " ".join(rng.choice(["x", "y", "z", "w"]) for _ in range(rng.randint(1, 6)))
+                noise = " ".join(rng.choice(["x", "y", "z", "w"]) for _ in range(rng.randint(2, 7)))
+                content = f"{label} {noise}"
+                if content in seen:
+                    continue
+                seen.add(content)
                 row = {
                     "messages": [
                         {"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": f"{label} {noise}"},
+                        {"role": "user", "content": content},
                         {"role": "assistant", "content": label},
                     ]
                 }
                 f.write(json.dumps(row) + "\n")
+                written += 1
     return out
 
 

@@ -276,3 +276,19 @@ def test_qlora_on_a_quantized_base_trains_only_lora_weights(tiny_model, tiny_dat
     assert np.isfinite(res.final_train_loss)
     keys = list(mx.load(str(res.run.root / "adapters" / "adapters.safetensors")))
     assert keys and all(k.endswith(("lora_a", "lora_b")) for k in keys)
+
+
+def test_train_refuses_data_with_errors(tiny_model, tiny_data, tmp_path):
+    """The same check as `mlxft data check` runs first: leakage between splits is an error."""
+    import shutil
+
+    from mlxft.errors import DataError
+
+    bad = tmp_path / "leaky"
+    shutil.copytree(tiny_data, bad)
+    first = (bad / "train.jsonl").read_text().splitlines()[0]
+    with open(bad / "valid.jsonl", "a") as f:
+        f.write(first + "\n")
+    with pytest.raises(DataError, match="valid"):
+        train(tiny_recipe(tiny_model, bad, iters=2), runs_root=tmp_path / "runs", log=lambda *_: None)
+    assert not (tmp_path / "runs").exists()
