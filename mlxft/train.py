@@ -453,7 +453,11 @@ def _run(s: Session, p: Progress) -> TrainResult:
             while p.step < s.steps and not p.stop_reason:
                 _train_step(s, p)
                 bar.update(1)
-                bar.set_postfix(loss=f"{p.last_loss:.3f}", val=f"{p.val_loss:.3f}" if p.val_loss is not None else "-")
+                bar.set_postfix(
+                    loss=f"{p.last_loss:.3f}",
+                    tok_s=f"{p.tokens / max(p.train_seconds, 1e-9):.0f}",
+                    val=f"{p.val_loss:.3f}" if p.val_loss is not None else "-",
+                )
                 _after_step(s, p, bar.write)
                 if p.step == s.steps or p.stop_reason:
                     break  # _finish writes the final checkpoint, even after a late Ctrl-C
