@@ -103,22 +103,15 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int | None 
     newline a template puts after the end token is not learned).
     """
     full = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
-    mask = np.zeros(len(full), dtype=bool)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
-        end = len(_render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools))
-        for t in range(start, end):
-            if full[t] in eos:
-                end = t + 1
-                break
-        mask[start:end] = True
-    ids = np.asarray(full, dtype=np.int32)
-    if max_length is not None and len(ids) > max_length:
-        ids, mask = ids[:max_length], mask[:max_length]
-    return Encoded(ids, mask)
+    spans = [
+        (
+            len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)),
+            len(_render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)),
+        )
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant"
+    ]
+    return _mask(tokenizer, full, spans, False, max_length)
 
 
 def encode_rows(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int | None) -> list[Encoded]:
