@@ -62,13 +62,13 @@ def compare_run(run_path: str | Path, split: str = "test", log=print) -> dict:
     """Score base and adapter on the run's `split`; write eval.json in the run folder."""
     from mlx_lm.tuner.utils import load_adapters
 
-    from mlxft.models import load_base
+    from mlxft.models import load_run_base
 
     run = RunDir.open(run_path)
     cfg = run.read_config()
     recipe = cfg["recipe"]
     rows = read_chat_jsonl(Path(cfg["data"]["path"]) / f"{split}.jsonl")
-    base = load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
+    base = load_run_base(cfg)
     system = cfg.get("system_prompt")
     max_tokens = recipe.get("eval", {}).get("max_tokens", 8)
     log(f"scoring the base model on {len(rows)} {split} rows ...")

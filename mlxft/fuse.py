@@ -130,7 +130,7 @@ def fuse_run(run_path: str | Path, out: str | Path, dequantize: bool = False, n_
     from mlx_lm.utils import dequantize_model, load
 
     from mlxft.data import prompt_ids
-    from mlxft.models import load_base
+    from mlxft.models import load_run_base
 
     out = Path(out)
     if out.exists():
@@ -140,8 +140,7 @@ def fuse_run(run_path: str | Path, out: str | Path, dequantize: bool = False, n_
     adapters = run.best_adapters
     if not (adapters / "adapters.safetensors").is_file():
         raise FuseError(f"run {run_path} has no adapters yet ({adapters}/adapters.safetensors missing)")
-    recipe = cfg["recipe"]
-    base = load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
+    base = load_run_base(cfg)
     load_adapters(base.model, str(adapters))
     base.model.eval()
     template = cfg.get("chat_template") or base.tokenizer.chat_template

@@ -39,15 +39,14 @@ class Sampling:
 
 def load_target(target: str) -> Loaded:
     """`target` is a run folder (base + adapters) or a model source (builtin:, folder, .gguf, hub id)."""
-    from mlxft.models import load_base
+    from mlxft.models import load_base, load_run_base
 
     if is_run(target):
         from mlx_lm.tuner.utils import load_adapters
 
         run = RunDir.open(target)
         cfg = run.read_config()
-        recipe = cfg["recipe"]
-        base = load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
+        base = load_run_base(cfg)
         adapters = run.best_adapters
         if not (adapters / "adapters.safetensors").is_file():
             raise MlxftError(f"run {target} has no adapters yet ({adapters}/adapters.safetensors missing)")

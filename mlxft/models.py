@@ -191,6 +191,12 @@ def load_base(source: str, quantize: int | None = None, training: bool = True) -
     return BaseModel(model, tokenizer, path, precision, note, default_template)
 
 
+def load_run_base(run_config: dict) -> BaseModel:
+    """The base a run was trained on, at the precision training used, ready for inference."""
+    recipe = run_config["recipe"]
+    return load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
+
+
 def _precision(model: nn.Module) -> str:
     """'4-bit', '8-bit', 'float32', ... as the weights actually are."""
     from mlx.utils import tree_flatten
