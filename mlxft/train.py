@@ -365,15 +365,26 @@ def _run_card(recipe: Recipe, base: BaseModel, data_dir: Path, train_set, valid_
         },
         "base_model": {"source": recipe.model.source, "path": str(base.path), "precision": base.precision, "note": base.note},
         "chat_template": base.tokenizer.chat_template,
+        "chat_template_sha256": hashlib.sha256((base.tokenizer.chat_template or "").encode()).hexdigest(),
         "default_chat_template": base.default_template,
         "system_prompt": recipe.data.system_prompt,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "steps": steps,
         "versions": versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "device": str(mx.default_device())},
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "device": str(mx.default_device()),
+                    **_machine_details()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _machine_details() -> dict:
+    """CPU/chip, cores and RAM for the run card (the report's "machine" row)."""
+    import os
+
+    from mlxft.doctor import chip, memory_bytes
+
+    return {"chip": chip(), "cpu_count": os.cpu_count(), "memory_gb": round(memory_bytes()[0] / 1e9, 1)}
 
 
 # ---------------------------------------------------------------- entry points
@@ -559,6 +570,8 @@ def _train_step(s: Session, p: Progress) -> None:
     mx.eval(step_loss, grad_norm, grads_acc)
     loss_value, norm_value = step_loss.item(), grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        # `mlxft runs` reads this line to tell a diverged run from an interrupted one.
+        s.run.log_metrics({"step": p.step + 1, "event": "diverged", "loss": str(loss_value), "grad_norm": str(norm_value)})
         raise TrainingDiverged(_divergence_message(s, p.step + 1, loss_value, norm_value))
     s.optimizer.update(s.model, grads_acc)
     mx.eval(s.model.state, s.optimizer.state)
