@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_METHODS = ("sft", "dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 MEMORY_TIERS = (8, 16, 24, 32, 48, 64, 96, 128)  # GB of unified memory / RAM
 
 
@@ -61,6 +63,9 @@ class TrainConfig:
     # validations in a row (0 or None = off); the best adapter is kept in RUN/adapters/best.
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    # sft: next-token loss on the answers; dpo / orpo: preference pairs (chosen + rejected),
+    # see mlxft/preference.py and the `preference:` section.
+    method: str = "sft"
 
 
 @dataclass
@@ -82,6 +87,16 @@ class TierConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """DPO / ORPO settings, used when train.method is dpo or orpo (mlxft/preference.py)."""
+
+    beta: float = 0.1  # DPO: weight of the implicit KL anchor to the base; higher = stay closer to it
+    label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of mislabelled pairs (conservative DPO)
+    loss: str = "sigmoid"  # DPO loss: sigmoid (Rafailov et al. 2023) | ipo (Azar et al. 2023)
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the SFT loss on chosen
+
+
+@dataclass
 class EvalConfig:
     max_tokens: int = 8  # generation budget for exact-match scoring of short answers
 
@@ -96,6 +111,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     # Base-weight quantization bits for training (QLoRA): None/0 = keep the source precision.
     # Set per tier; on CPU backends mlxft trains on a dequantized base regardless (see train).
     quantize: int | None = None

@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import yaml
 
-from mlxft.config import FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, Recipe, TierConfig
+from mlxft.config import (
+    DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
+)
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
@@ -53,6 +55,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: v > 0, "a positive int"),
     "train.grad_accumulation": (lambda v: v > 0, "a positive int"),
     "train.max_seq_length": (lambda v: v > 0, "a positive int"),
+    "train.method": (lambda v: v in TRAIN_METHODS, f"one of {', '.join(TRAIN_METHODS)}"),
+    "preference.beta": (lambda v: v > 0, "a positive number"),
+    "preference.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "preference.loss": (lambda v: v in DPO_LOSSES, f"one of {', '.join(DPO_LOSSES)}"),
+    "preference.orpo_lambda": (lambda v: v >= 0, "a number >= 0"),
 }
 
 # PyYAML (YAML 1.1) reads `2e-4` as a string; only `2.0e-4` is a float. Accept both.
@@ -459,6 +466,9 @@ def _check_values(recipe: Recipe, where: str, problems: list[str],
     if recipe.train.iters is not None and recipe.train.epochs is not None:
         source, key = origins.get("train.epochs", ("defaults", "train.epochs"))
         problems.append(f"{source}: {key}: set only one of train.iters / train.epochs")
+    if recipe.preference.loss == "ipo" and recipe.preference.label_smoothing:
+        source, key = origins.get("preference.label_smoothing", ("defaults", "preference.label_smoothing"))
+        problems.append(f"{source}: {key}: label smoothing applies to the sigmoid loss only; set it to 0 for ipo")
 
 
 def _check_targets(recipe: Recipe, problems: list[str],
