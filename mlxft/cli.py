@@ -270,5 +270,43 @@ def fuse(run, out_dir, dequantize):
     click.echo(f"wrote {report.out}")
 
 
+# ---------------------------------------------------------------- mlxft report, mlxft runs
+
+
+@main.command()
+@click.argument("run")
+@friendly
+def report(run):
+    """Write RUN/report.html: run card, loss/throughput/memory curves, eval tables (self-contained, offline)."""
+    from mlxft.report import write_report
+
+    click.echo(f"wrote {write_report(run)}")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--runs-dir", default=None, help="Folder of run folders (default: $MLXFT_RUNS or ./runs).")
+@click.pass_context
+@friendly
+def runs(ctx, runs_dir):
+    """List runs with their key figures; `mlxft runs compare A B` puts two side by side."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from mlxft.run_summary import format_run_list, list_runs
+
+    found = list_runs(runs_dir)
+    click.echo(format_run_list(found) if found else "no runs yet (mlxft train RECIPE makes one)")
+
+
+@runs.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@friendly
+def runs_compare(run_a, run_b):
+    """Config differences, metrics and eval scores of RUN_A and RUN_B side by side."""
+    from mlxft.run_summary import compare_runs
+
+    click.echo(compare_runs(run_a, run_b))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,316 @@
+"""`mlxft report RUN`: one self-contained RUN/report.html (inline CSS, plots as base64 PNG).
+
+    mlxft report runs/smollm2-135m-20261123-120000
+
+The page holds the run card (recipe, resolved config, versions, data and template hashes,
+machine, seed), loss / throughput / memory curves drawn by matplotlib, the eval tables from
+eval.json, the worst failures, and an overfitting warning. It loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup, escape
+
+import mlxft
+from mlxft.errors import MlxftError
+from mlxft.run_summary import (
+    Metrics, PREFERENCE_KEYS, fmt_delta, fmt_num, fmt_score, flatten, open_run, overfitting_spans, read_config,
+    read_eval, read_metrics, summarize,
+)
+from mlxft.runs import write_atomic
+
+TEMPLATE = "report.html.j2"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as a data: URI (PNG, base64), then closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(title: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.3))
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _mark_events(ax, metrics: Metrics) -> None:
+    for e in metrics.events:
+        kind = e.get("event")
+        color = {"resumed": "tab:gray", "overfitting": "tab:red", "early_stop": "tab:purple", "diverged": "black"}.get(kind)
+        if color:
+            ax.axvline(e["step"], color=color, linestyle=":", linewidth=1)
+            ax.annotate(kind, (e["step"], 1), xycoords=("data", "axes fraction"), fontsize=7, color=color,
+                        rotation=90, va="top", ha="right")
+
+
+def plot_loss(metrics: Metrics, overfit: list[dict]) -> str:
+    fig, ax = _figure("Loss", "loss")
+    steps, loss = metrics.series("train_loss")
+    ax.plot(steps, loss, label="train", color="tab:blue")
+    if metrics.val:
+        vs = [m["step"] for m in metrics.val]
+        vl = [m["val_loss"] for m in metrics.val]
+        ax.plot(vs, vl, "o-", label="validation", color="tab:orange", markersize=4)
+        best = min(metrics.val, key=lambda m: m["val_loss"])
+        ax.plot([best["step"]], [best["val_loss"]], "*", color="tab:green", markersize=12, label=f"best (step {best['step']})")
+    for span in overfit:
+        ax.axvspan(span["from_step"], span["to_step"], color="tab:red", alpha=0.08, label="val rising, train falling")
+    _mark_events(ax, metrics)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_throughput(metrics: Metrics) -> str | None:
+    if not metrics.has("tokens_per_sec"):
+        return None
+    fig, ax = _figure("Throughput", "all tokens / s")
+    ax.plot(*metrics.series("tokens_per_sec"), label="all tokens", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    if metrics.has("supervised_tokens_per_sec"):  # ~30x fewer: its own axis, or it is a flat line at 0
+        ax2 = ax.twinx()
+        ax2.plot(*metrics.series("supervised_tokens_per_sec"), label="supervised tokens", color="tab:green")
+        ax2.set_ylabel("supervised tokens / s")
+        ax2.set_ylim(bottom=0)
+        ax2.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
+def plot_memory(metrics: Metrics) -> str | None:
+    if not metrics.has("peak_memory_gb"):
+        return None
+    fig, ax = _figure("Peak memory", "GB")
+    ax.plot(*metrics.series("peak_memory_gb"), color="tab:purple")
+    ax.set_ylim(bottom=0)
+    return _png(fig)
+
+
+def plot_learning_rate(metrics: Metrics) -> str | None:
+    if not metrics.has("learning_rate"):
+        return None
+    fig, ax = _figure("Learning rate", "learning rate")
+    ax.plot(*metrics.series("learning_rate"), color="tab:brown")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    return _png(fig)
+
+
+def plot_preference(metrics: Metrics) -> str | None:
+    """Reward margin and preference accuracy of preference-tuning runs (DPO-style), when logged."""
+    if not any(metrics.has(k) for k in PREFERENCE_KEYS):
+        return None
+    fig, ax = _figure("Preference tuning", "reward margin")
+    if metrics.has("reward_margin"):
+        ax.plot(*metrics.series("reward_margin"), color="tab:blue", label="reward margin")
+    if metrics.has("preference_accuracy"):
+        ax2 = ax.twinx()
+        ax2.plot(*metrics.series("preference_accuracy"), color="tab:green", label="preference accuracy")
+        ax2.set_ylabel("preference accuracy")
+        ax2.set_ylim(0, 1.05)
+        ax2.legend(fontsize=8, loc="lower right")
+    for key, color in (("chosen_logp", "tab:olive"), ("rejected_logp", "tab:red")):
+        if metrics.has(key) and not metrics.has("reward_margin"):
+            ax.plot(*metrics.series(key), color=color, label=key)
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
+def make_plots(metrics: Metrics, overfit: list[dict]) -> list[dict]:
+    """[{title, src, alt}] for every curve the run has data for; the loss plot always."""
+    plots = [("Loss (train and validation)", plot_loss(metrics, overfit))]
+    plots += [
+        ("Tokens per second", plot_throughput(metrics)),
+        ("Peak memory", plot_memory(metrics)),
+        ("Learning rate", plot_learning_rate(metrics)),
+        ("Preference tuning: reward margin and accuracy", plot_preference(metrics)),
+    ]
+    return [{"title": t, "src": src, "alt": t} for t, src in plots if src]
+
+
+# ---------------------------------------------------------------- page content
+
+
+_TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def inline_diff(reference: str, output: str) -> Markup:
+    """The output against the reference, word by word: missing words struck, extra words marked."""
+    ref, out = _TOKEN.findall(reference or ""), _TOKEN.findall(output or "")
+    parts = []
+    sm = difflib.SequenceMatcher(None, ref, out, autojunk=False)
+    for op, a0, a1, b0, b1 in sm.get_opcodes():
+        if op == "equal":
+            parts.append(escape("".join(out[b0:b1])))
+            continue
+        if a1 > a0:
+            parts.append(Markup("<del>%s</del>") % "".join(ref[a0:a1]))
+        if b1 > b0:
+            parts.append(Markup("<ins>%s</ins>") % "".join(out[b0:b1]))
+    return Markup("").join(parts)
+
+
+def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
+    """(label, value) rows: what a reader needs to reproduce or trust the run."""
+    recipe = cfg.get("recipe") or {}
+    train = recipe.get("train") or {}
+    data = cfg.get("data") or {}
+    base = cfg.get("base_model") or {}
+    machine = cfg.get("machine") or {}
+    versions = cfg.get("versions") or {}
+    template_hash = cfg.get("chat_template_sha256")
+    if not template_hash and cfg.get("chat_template"):
+        template_hash = hashlib.sha256(cfg["chat_template"].encode()).hexdigest()
+    lora = recipe.get("lora") or {}
+    rows = [
+        ("run folder", str(run_root)),
+        ("recipe", recipe.get("name", "?")),
+        ("method", f"{recipe.get('fine_tune_type', '?')}"
+                   + (f", rank {lora.get('rank')}, alpha {lora.get('alpha')}, {lora.get('num_layers')} layers" if lora else "")),
+        ("base model", f"{base.get('source', '?')} [{base.get('precision', '?')}]"),
+        ("parameters", f"{_millions(cfg.get('trainable_parameters'))} trainable of {_millions(cfg.get('total_parameters'))}"),
+        ("seed", fmt_num(train.get("seed"))),
+        ("steps", f"{cfg.get('steps', '?')} (batch {train.get('batch_size', '?')} x {train.get('grad_accumulation', 1)}, "
+                  f"lr {train.get('learning_rate', '?')} {train.get('lr_schedule', '')})"),
+        ("data", f"{data.get('path', '?')} ({', '.join(f'{k} {v} rows' for k, v in (data.get('rows') or {}).items())})"),
+    ]
+    rows += [(f"data sha256 ({split})", digest) for split, digest in (data.get("sha256") or {}).items()]
+    rows += [
+        ("chat template sha256", template_hash or "-"),
+        ("default chat template", "yes (the base model had none)" if cfg.get("default_chat_template") else "no"),
+        ("system prompt", cfg.get("system_prompt") or "-"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items()) or "-"),
+        ("report made by", f"mlxft {mlxft.__version__}"),
+        ("machine", ", ".join(f"{k}: {v}" for k, v in machine.items()) or "-"),
+        ("started", cfg.get("started") or "-"),
+        ("finished", cfg.get("finished") or "not finished"),
+    ]
+    if cfg.get("resumed"):
+        rows.append(("resumed", "; ".join(f"from step {r.get('from_step')} at {r.get('at')}" for r in cfg["resumed"])))
+    return rows
+
+
+def _millions(n) -> str:
+    return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) else "?"
+
+
+def eval_tables(ev: dict | None) -> list[dict]:
+    """Per suite: the columns (every key of every scorer's "values", base and adapter first) and one row per scorer."""
+    if not ev:
+        return []
+    suites = []
+    for name, suite in (ev.get("suites") or {}).items():
+        scorers = suite.get("scorers") or []
+        columns = ["base", "adapter"]
+        for s in scorers:
+            columns += [k for k in (s.get("values") or {}) if k not in columns]
+        rows = []
+        for s in scorers:
+            unit = s.get("unit", "score")
+            values = s.get("values") or {}
+            delta = s.get("delta")
+            better = None
+            if isinstance(delta, (int, float)) and delta:
+                better = (delta > 0) == bool(s.get("higher_is_better", True))
+            gate = s.get("gate")
+            rows.append({
+                "name": s.get("name", "?"),
+                "unit": unit,
+                "higher_is_better": s.get("higher_is_better", True),
+                "cells": [fmt_score(values.get(c), unit) if c in values else "-" for c in columns],
+                "delta": fmt_delta(delta, unit),
+                "better": better,
+                "gate_rule": gate.get("rule", "") if gate else "",
+                "gate": None if not gate else bool(gate.get("passed")),
+                "confusion": _confusion(s.get("details") or {}),
+            })
+        failures = [
+            dict(f, adapter_diff=inline_diff(f.get("reference", ""), f.get("adapter", "")))
+            for f in (suite.get("failures") or [])
+        ]
+        suites.append({
+            "name": name, "description": suite.get("description", ""), "data": suite.get("data"), "n": suite.get("n"),
+            "seconds": suite.get("seconds") or {}, "columns": columns, "rows": rows, "failures": failures,
+        })
+    return suites
+
+
+def _confusion(details: dict) -> list[dict]:
+    """Confusion matrices from a label scorer's details, one per model, as header + rows."""
+    c = details.get("confusion")
+    if not isinstance(c, dict) or not c.get("labels"):
+        return []
+    out = []
+    for model in [k for k in c if k != "labels"]:
+        matrix = c[model]
+        if isinstance(matrix, list) and len(matrix) == len(c["labels"]):
+            out.append({"model": model, "labels": c["labels"], "rows": list(zip(c["labels"], matrix))})
+    return out
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("mlxft", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_report(run_path: str | Path) -> str:
+    """The report page of the run at `run_path` as HTML text."""
+    run = open_run(run_path)
+    summary = summarize(run.root, require_metrics=True)
+    cfg = read_config(run)
+    metrics = read_metrics(run)
+    ev = read_eval(run)
+    overfit = overfitting_spans(metrics)
+    logged_overfit = [e for e in metrics.events if e.get("event") == "overfitting"]
+    return _environment().get_template(TEMPLATE).render(
+        summary=summary,
+        card=run_card(cfg, run.root),
+        config_rows=[(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(cfg.get("recipe")).items()],
+        plots=make_plots(metrics, overfit),
+        overfit=overfit,
+        logged_overfit=logged_overfit,
+        events=metrics.events,
+        eval=ev,
+        suites=eval_tables(ev),
+        fmt_num=fmt_num,
+    )
+
+
+def write_report(run_path: str | Path) -> Path:
+    """Write RUN/report.html atomically and return its path."""
+    html = render_report(run_path)
+    out = Path(run_path) / "report.html"
+    try:
+        write_atomic(out, html)
+        out.chmod(0o644)  # mkstemp makes it owner-only; a report is for sharing
+    except OSError as e:
+        raise MlxftError(f"cannot write {out}: {e.strerror}") from None
+    return out
