@@ -40,13 +40,27 @@ blas:
 
 setup: $(STAMP) blas
 
+# tests/test_report.py opens report.html in headless Chromium (Debian's package: test tools'
+# own browser downloads are not reachable here). Installed as root when missing, like OpenBLAS.
+.PHONY: browser
+browser:
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Chromium (Debian package chromium) for the report test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null || \
+	      echo "WARNING: could not install chromium; the report browser test will fail in CI"; \
+	  else \
+	    echo "WARNING: no Chromium found; run: sudo apt-get install chromium  (the report browser test skips without it)"; \
+	  fi; \
+	fi
+
 finetune: setup
 	$(BIN)/mlxft train $(RECIPE) --compare $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 doctor: setup

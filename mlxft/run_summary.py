@@ -340,7 +340,7 @@ def format_run_list(rows: list) -> str:
         steps = f"{r.steps_done if r.steps_done is not None else 0}/{r.steps_total or '?'}"
         best = f"{fmt_num(r.best_val_loss)}@{r.best_step}" if r.best_val_loss is not None else "-"
         status = r.status + (" (overfit)" if r.overfitting else "")
-        if r.steps_done is None:
+        if r.steps_done is None and r.status in ("incomplete", "running"):
             status += " (no metrics yet)"
         table.append([
             r.name, r.recipe, (r.started or "-").replace("T", " ")[:16], steps, fmt_num(r.train_loss), fmt_num(r.val_loss),
