@@ -83,8 +83,10 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
               help="After training, score base vs adapter (exact match) on the test split.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN",
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
+@click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
+              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from pathlib import Path
 
@@ -92,12 +94,15 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
     from mlxft.train import resume, train as run_training
 
     if resume_run:
-        if data_dir or model or tier or overrides or runs_dir:
-            raise click.UsageError("--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir")
+        if data_dir or model or tier or overrides or runs_dir or method:
+            raise click.UsageError(
+                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method")
         result = resume(resume_run)
     else:
         if model:
             overrides = (*overrides, f"model.source={model}")
+        if method:
+            overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)

@@ -119,9 +119,39 @@ def validate_row(row: dict) -> tuple[list[str], list[str]]:
     order = _order_error(messages)
     if order:
         return [order], []
+    if "rejected" in row:  # a preference pair (DPO/ORPO): the rejected answer must be a real alternative
+        pair = _pair_errors(messages, row["rejected"])
+        if pair:
+            return pair, []
     if messages[-1]["role"] != "assistant":
         return [], [f"ends with a {messages[-1]['role']} message, which is never learned"]
     return [], []
+
+
+def _pair_errors(messages: list[dict], rejected) -> list[str]:
+    """A pair's answers are what follows the prompt's last user turn: both present, well formed, different."""
+    if isinstance(rejected, str):
+        rejected = [{"role": "assistant", "content": rejected}]
+    if not isinstance(rejected, list) or not rejected or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in rejected):
+        return ["rejected must be a non-empty string or list of {\"role\", \"content\"} messages"]
+    if rejected[0]["role"] != "assistant" or any(m["role"] not in ("assistant", "tool") for m in rejected):
+        return [f"rejected must be an assistant answer (roles: {', '.join(m['role'] for m in rejected)})"]
+    empty = [i for i, m in enumerate(rejected) if not m["content"].strip() and not m.get("tool_calls")]
+    if empty:
+        return [f"rejected[{empty[0]}]: empty content"]
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    chosen = messages[users[-1] + 1:] if users else []
+    if not chosen:
+        return ["chosen answer is missing (nothing follows the prompt's last user turn)"]
+
+    def answer(msgs):
+        return [(m["role"], m["content"].strip(), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in msgs]
+
+    if answer(chosen) == answer(rejected):
+        return ["chosen and rejected are the same answer: there is nothing to prefer"]
+    return []
 
 
 def _message_errors(i: int, m: dict) -> list[str]:

@@ -38,6 +38,7 @@ from mlxft.checkpoint import (
     Progress, latest_checkpoint, load_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
 )
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
+from mlxft.config import PreferenceConfig
 from mlxft.data import Encoded, encode_rows, load_splits
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
@@ -257,6 +258,7 @@ def recipe_from_dict(data: dict) -> Recipe:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     sections = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "data": DataConfig, "eval": EvalConfig}
+    sections["preference"] = PreferenceConfig  # DPO/ORPO settings (mlxft/preference.py)
     recipe = build(Recipe, {k: v for k, v in data.items() if k not in sections and k != "tiers"})
     for name, cls in sections.items():
         setattr(recipe, name, build(cls, data.get(name) or {}))
@@ -392,6 +394,10 @@ def _machine_details() -> dict:
 
 def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print) -> TrainResult:
     """Fine-tune the recipe's base model on `data_dir` and write a run folder."""
+    if recipe.train.method != "sft":  # DPO / ORPO: same pieces, a pair loss (mlxft/preference.py)
+        from mlxft.preference import train_preference
+
+        return train_preference(recipe, data_dir, runs_root, log)
     check_train_settings(recipe.train)
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
     check_data(recipe, data_dir, log)
@@ -413,6 +419,10 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
 def resume(run_path: str | Path, log=print) -> TrainResult:
     """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
     run = RunDir.open(run_path)
+    if run.read_config().get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
+        from mlxft.preference import resume_preference
+
+        return resume_preference(run_path, log)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise MlxftError(
