@@ -308,7 +308,7 @@ def runs(ctx, runs_dir):
 @friendly
 def runs_compare(run_a, run_b):
     """Config differences, metrics and eval scores of RUN_A and RUN_B side by side."""
-    from mlxft.run_summary import compare_runs
+    from mlxft.run_compare import compare_runs
 
     click.echo(compare_runs(run_a, run_b))
 

@@ -39,7 +39,8 @@ def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -124,11 +125,18 @@ def plot_preference(metrics: Metrics) -> str | None:
     if not any(metrics.has(k) for k in PREFERENCE_KEYS):
         return None
     fig, ax = _figure("Preference tuning", "reward margin")
+    val = {k: [(m["step"], m[f"val_{k}"]) for m in metrics.val if isinstance(m.get(f"val_{k}"), (int, float))]
+           for k in ("reward_margin", "preference_accuracy")}
     if metrics.has("reward_margin"):
-        ax.plot(*metrics.series("reward_margin"), color="tab:blue", label="reward margin")
-    if metrics.has("preference_accuracy"):
+        ax.plot(*metrics.series("reward_margin"), color="tab:blue", label="reward margin (train)")
+    if val["reward_margin"]:
+        ax.plot(*zip(*val["reward_margin"]), "o--", color="tab:blue", markersize=4, label="reward margin (validation)")
+    if metrics.has("preference_accuracy") or val["preference_accuracy"]:
         ax2 = ax.twinx()
-        ax2.plot(*metrics.series("preference_accuracy"), color="tab:green", label="preference accuracy")
+        if metrics.has("preference_accuracy"):
+            ax2.plot(*metrics.series("preference_accuracy"), color="tab:green", label="accuracy (train)")
+        if val["preference_accuracy"]:
+            ax2.plot(*zip(*val["preference_accuracy"]), "o--", color="tab:green", markersize=4, label="accuracy (validation)")
         ax2.set_ylabel("preference accuracy")
         ax2.set_ylim(0, 1.05)
         ax2.legend(fontsize=8, loc="lower right")
@@ -188,7 +196,7 @@ def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
     rows = [
         ("run folder", str(run_root)),
         ("recipe", recipe.get("name", "?")),
-        ("method", f"{recipe.get('fine_tune_type', '?')}"
+        ("method", f"{train.get('method', 'sft')}, {recipe.get('fine_tune_type', '?')}"
                    + (f", rank {lora.get('rank')}, alpha {lora.get('alpha')}, {lora.get('num_layers')} layers" if lora else "")),
         ("base model", f"{base.get('source', '?')} [{base.get('precision', '?')}]"),
         ("parameters", f"{_millions(cfg.get('trainable_parameters'))} trainable of {_millions(cfg.get('total_parameters'))}"),
@@ -208,6 +216,9 @@ def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
         ("started", cfg.get("started") or "-"),
         ("finished", cfg.get("finished") or "not finished"),
     ]
+    if isinstance(cfg.get("preference"), dict):  # DPO / ORPO runs (mlxft/preference.py)
+        pref = cfg["preference"]
+        rows.append(("preference", ", ".join(f"{k} {v}" for k, v in pref.items() if not isinstance(v, dict))))
     if cfg.get("resumed"):
         rows.append(("resumed", "; ".join(f"from step {r.get('from_step')} at {r.get('at')}" for r in cfg["resumed"])))
     return rows

@@ -60,6 +60,8 @@ def make_metrics(steps: int = 40, overfit: bool = True, preference: bool = False
             k = step // 10
             val = 2.5 - 0.4 * k if (not overfit or k <= 1) else 2.1 + 0.3 * (k - 1)
             lines.append({"step": step, "val_loss": val})
+            if preference:
+                lines[-1].update(val_reward_margin=0.04 * step, val_preference_accuracy=min(1.0, 0.45 + step / 80))
     if overfit:
         lines.append({"step": steps, "event": "overfitting", "val_losses": [2.1, 2.4, 2.7, 3.0]})
     return lines

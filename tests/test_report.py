@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from mlxft.cli import main
 from mlxft.errors import MlxftError
 from mlxft.report import inline_diff, write_report
-from report_fixtures import make_config, make_eval, make_metrics, write_run
+from report_fixtures import make_eval, make_metrics, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,6 +102,7 @@ def test_report_is_self_contained_with_card_curves_and_eval_tables(fake_run):
     for expected in ("seed", "1234", "mlx 0.32.4", "mlx-lm 0.32.2", "mlxft 0.1.0", "a" * 64, "c" * 64,
                      "Test CPU 9000", "cpu_count: 2", "builtin:smollm2-135m-instruct [float32]", "Label the commit."):
         assert expected in card, expected
+    assert "sft, lora" in card
     config = next(t for t in page.tables if t["id"] == "resolved-config")["text"]
     assert "train.learning_rate" in config and "lora.rank" in config
     # eval tables: every "values" entry is a column, then delta and gate

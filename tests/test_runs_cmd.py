@@ -7,7 +7,8 @@ import json
 from click.testing import CliRunner
 
 from mlxft.cli import main
-from mlxft.run_summary import config_differences, overfitting_spans, read_metrics, summarize
+from mlxft.run_compare import config_differences
+from mlxft.run_summary import overfitting_spans, read_metrics, summarize
 from mlxft.runs import RunDir
 from report_fixtures import make_config, make_eval, make_metrics, write_run
 
