@@ -313,5 +313,54 @@ def runs_compare(run_a, run_b):
     click.echo(compare_runs(run_a, run_b))
 
 
+# ---------------------------------------------------------------- mlxft synth (teacher-to-student data)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--teacher", required=True, metavar="MODEL_OR_URL",
+              help="builtin:NAME, a model folder, .gguf, hub id, a run folder (base + adapter), or an OpenAI-compatible URL.")
+@click.option("--teacher-model", default=None, help="Model name at the endpoint (default: the first it lists).")
+@click.option("--seeds", required=True, type=click.Path(dir_okay=False),
+              help="Topics (one per line) or example rows (JSONL/JSON/CSV); cycled.")
+@click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Rows to keep.")
+@click.option("--mode", type=click.Choice(["generate", "answer"]), default="generate", show_default=True,
+              help="generate: the teacher writes whole examples (JSON); answer: it answers each seed's prompt.")
+@click.option("--template", type=click.Path(dir_okay=False), default=None,
+              help="jinja2 teacher prompt (default: the packaged one of the mode; see mlxft/templates/).")
+@click.option("--system", default=None, help="The student's system prompt, put first in every row.")
+@click.option("--recipe", default=None, help="Take the system prompt from this recipe and check leakage against its valid/test splits.")
+@click.option("--against", multiple=True, type=click.Path(), help="Eval/test data no row may leak into: a file, or a folder (its valid and test splits).")
+@click.option("--filter", "filters", multiple=True, metavar="SUITE:SCORER", help="Keep rows that pass this eval-suite scorer.")
+@click.option("--judge", default=None, metavar="MODEL_OR_URL", help="LLM judge that scores each row 1-10.")
+@click.option("--judge-model", default=None, help="Model name at the judge endpoint.")
+@click.option("--judge-threshold", type=float, default=7.0, show_default=True, help="Lowest judge score kept.")
+@click.option("--judge-template", type=click.Path(dir_okay=False), default=None, help="jinja2 rubric for the judge.")
+@click.option("--temp", type=float, default=0.7, show_default=True, help="Teacher sampling temperature.")
+@click.option("--top-p", type=float, default=0.95, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Longest teacher reply; a reply cut at this length is rejected.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-attempts", type=click.IntRange(min=1), default=None,
+              help="Stop after this many teacher calls (default: 4 x N; answer mode: one per seed).")
+@friendly
+def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe, against, filters, judge, judge_model,
+          judge_threshold, judge_template, temp, top_p, max_tokens, seed, max_attempts):
+    """Generate N training rows into OUT with a teacher; rerun the same command to continue."""
+    from pathlib import Path
+
+    from mlxft.synth import SynthOptions, run_synth
+    from mlxft.teacher import TeacherSampling
+
+    opts = SynthOptions(Path(seeds), n, Path(out), mode, Path(template) if template else None, system,
+                        tuple(Path(p) for p in against), TeacherSampling(temp, top_p, max_tokens), seed, max_attempts)
+    result = run_synth(opts, teacher, teacher_model, filters, judge, judge_model, judge_threshold, judge_template,
+                       recipe, log=click.echo)
+    click.echo(f"{result.kept} rows in {result.out}/synth.jsonl, {result.rejected} rejected (rejects.jsonl says why), "
+               f"{result.attempts} attempts; manifest.json has the settings")
+    if not result.complete:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
