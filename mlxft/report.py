@@ -199,7 +199,7 @@ def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
         ("method", f"{train.get('method', 'sft')}, {recipe.get('fine_tune_type', '?')}"
                    + (f", rank {lora.get('rank')}, alpha {lora.get('alpha')}, {lora.get('num_layers')} layers" if lora else "")),
         ("base model", f"{base.get('source', '?')} [{base.get('precision', '?')}]"),
-        ("parameters", f"{_millions(cfg.get('trainable_parameters'))} trainable of {_millions(cfg.get('total_parameters'))}"),
+        ("parameters", f"{_count(cfg.get('trainable_parameters'))} trainable of {_count(cfg.get('total_parameters'))}"),
         ("seed", fmt_num(train.get("seed"))),
         ("steps", f"{cfg.get('steps', '?')} (batch {train.get('batch_size', '?')} x {train.get('grad_accumulation', 1)}, "
                   f"lr {train.get('learning_rate', '?')} {train.get('lr_schedule', '')})"),
@@ -224,8 +224,9 @@ def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def _millions(n) -> str:
-    return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) else "?"
+def _count(n) -> str:
+    """135,000,000 (135.0M): exact for tiny models, readable for big ones."""
+    return f"{n:,} ({n / 1e6:.1f}M)" if isinstance(n, int) else "?"
 
 
 def eval_tables(ev: dict | None) -> list[dict]:
