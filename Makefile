@@ -47,7 +47,7 @@ browser:
 	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Chromium (Debian package chromium) for the report test"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null || \
 	      echo "WARNING: could not install chromium; the report browser test will fail in CI"; \
 	  else \
 	    echo "WARNING: no Chromium found; run: sudo apt-get install chromium  (the report browser test skips without it)"; \
