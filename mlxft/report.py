@@ -260,8 +260,9 @@ def eval_tables(ev: dict | None) -> list[dict]:
                 "confusion": _confusion(s.get("details") or {}),
             })
         failures = [
-            dict(f, adapter_diff=inline_diff(f.get("reference", ""), f.get("adapter", "")))
-            for f in (suite.get("failures") or [])
+            {**{k: str(f.get(k, "")) for k in ("prompt", "reference", "base", "adapter", "scorer")},
+             "adapter_diff": inline_diff(str(f.get("reference", "")), str(f.get("adapter", "")))}
+            for f in (suite.get("failures") or []) if isinstance(f, dict)
         ]
         suites.append({
             "name": name, "description": suite.get("description", ""), "data": suite.get("data"), "n": suite.get("n"),
@@ -310,7 +311,7 @@ def render_report(run_path: str | Path) -> str:
         overfit=overfit,
         logged_overfit=logged_overfit,
         events=metrics.events,
-        eval=ev,
+        eval_passed=ev.get("passed") if ev else None,
         suites=eval_tables(ev),
         fmt_num=fmt_num,
     )

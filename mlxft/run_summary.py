@@ -112,8 +112,7 @@ def read_eval(run: RunDir) -> dict | None:
     if not isinstance(data, dict):
         raise MlxftError(f"{run.eval_json} is not a JSON object")
     if "suites" in data:
-        if not isinstance(data["suites"], dict):
-            raise MlxftError(f"{run.eval_json}: 'suites' must be an object of suite name -> results")
+        _check_eval(data, run.eval_json)
         return data
     if {"base", "adapter"} <= set(data):
         split = data.get("split", "test")
@@ -135,6 +134,21 @@ def read_eval(run: RunDir) -> dict | None:
             f"{split} split": {"description": f"exact match on the run's {split} split", "n": data.get("n"),
                                "seconds": data.get("seconds", {}), "scorers": [scorer], "failures": failures}}}
     raise MlxftError(f"{run.eval_json} has neither 'suites' nor base/adapter scores: not an mlxft eval.json")
+
+
+def _check_eval(data: dict, path: Path) -> None:
+    """The parts of the eval.json contract that the report and `mlxft runs` rely on, or one clear error."""
+    if not isinstance(data["suites"], dict):
+        raise MlxftError(f"{path}: 'suites' must be an object of suite name -> results")
+    for name, suite in data["suites"].items():
+        where = f"{path}: suites.{name}"
+        if not isinstance(suite, dict) or not isinstance(suite.get("scorers", []), list):
+            raise MlxftError(f"{where} must be an object with a 'scorers' list")
+        for i, sc in enumerate(suite.get("scorers", [])):
+            if not isinstance(sc, dict) or not isinstance(sc.get("name"), str) or not isinstance(sc.get("values"), dict):
+                raise MlxftError(f"{where}.scorers[{i}] needs a 'name' and a 'values' object (e.g. base, adapter)")
+            if sc.get("gate") is not None and not isinstance(sc["gate"], dict):
+                raise MlxftError(f"{where}.scorers[{i}].gate must be an object with 'rule' and 'passed', or null")
 
 
 def checkpoint_steps(run: RunDir) -> list[tuple[int, Path]]:

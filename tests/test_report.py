@@ -143,6 +143,17 @@ def test_version_1_eval_json_still_gets_a_table(tmp_path):
     assert "beta" in next(t for t in page.tables if t["class"] == "failures")["text"]
 
 
+def test_a_minimal_eval_json_renders_and_a_malformed_one_is_named(tmp_path):
+    minimal = {"suites": {"s": {"scorers": [{"name": "regex", "values": {"adapter": 0.5}}],
+                                "failures": [{"adapter": "x"}]}}}
+    run = write_run(tmp_path, "r", metrics=make_metrics(), eval_json=minimal)
+    table = next(t for t in parse(write_report(run)).tables if t["class"] == "eval-table")
+    assert table["headers"] == ["scorer", "base", "adapter", "delta", "gate", "result"] and "0.500" in table["text"]
+    (run / "eval.json").write_text(json.dumps({"suites": {"s": {"scorers": [{"name": "regex"}]}}}))
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 1 and "suites.s.scorers[0] needs a 'name' and a 'values' object" in res.output
+
+
 def test_inline_diff_marks_missing_and_extra_words_and_escapes():
     assert str(inline_diff("fix the <b> parser", "fix a <b> parser")) == (
         "fix <del>the</del><ins>a</ins> &lt;b&gt; parser"
