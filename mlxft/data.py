@@ -9,6 +9,7 @@ which is the template-parity rule.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,10 +117,11 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int | None 
 
 def encode_rows(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int | None) -> list[Encoded]:
     """Encode normalised rows as `encode_conversation` does, rendering once and tokenizing in batches."""
+    render = Renderer(tokenizer, system_prompt)
     rendered = []
     for i, row in enumerate(rows):
         try:
-            rendered.append(render_row(tokenizer, row, system_prompt))
+            rendered.append(render(row))
         except DataError as e:
             raise DataError(f"row {i + 1}: {e}") from None
     return encode_rendered(tokenizer, rendered, max_length)
@@ -154,6 +156,98 @@ def render_row(tokenizer, row: dict, system_prompt: str | None = None) -> Render
         return Rendered(full, turns)
     except Exception as e:  # jinja raises TemplateError, TypeError, ...: all mean "cannot render"
         raise DataError(f"the chat template cannot render this row ({type(e).__name__}: {e})") from None
+
+
+_SENTINEL = re.compile("\x00MLXFT(\\d+)\x00")
+
+
+class Renderer:
+    """`render_row` with two template calls per row instead of 1 + 2 per assistant turn.
+
+    `render_row` renders each assistant turn's prompt and the text through it separately,
+    the only way that is right for any template. Most templates render a conversation as
+    its messages one after another, so those prefixes are cuts of the full text: this
+    renders the row once with a marker in place of each assistant message's content and
+    once as it is, and cuts. It is used only where it is provably the same: the template
+    must give identical results both ways on a probe conversation and on the first
+    `probe_rows` rows (else every row takes the slow path), and on every later row the
+    markers filled with the real contents must give exactly the real full text (else that
+    row takes the slow path).
+    """
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, probe_rows: int = 16):
+        self.tokenizer, self.system = tokenizer, system_prompt
+        self.probe_rows = probe_rows
+        self.fast: bool | None = None  # None while probing
+        self.closing: str | None = None  # text after an assistant message's content, e.g. "<|im_end|>\n"
+        if not self._learn_closing():
+            self.fast = False
+
+    def __call__(self, row: dict) -> Rendered:
+        if self.fast is False or "text" in row:
+            return render_row(self.tokenizer, row, self.system)
+        if self.fast is None:  # probing: both ways, and they must agree
+            slow = render_row(self.tokenizer, row, self.system)
+            self.probe_rows -= 1
+            if self._cut(row) != slow:
+                self.fast = False
+            elif self.probe_rows <= 0:
+                self.fast = True
+            return slow
+        return self._cut(row) or render_row(self.tokenizer, row, self.system)
+
+    def _text(self, messages, gen: bool, tools=None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+
+    def _learn_closing(self) -> bool:
+        probe = [{"role": "user", "content": "Probe one?"}, {"role": "assistant", "content": "Probe two."},
+                 {"role": "user", "content": "Probe three?"}, {"role": "assistant", "content": "Probe four."}]
+        try:
+            r = render_row(self.tokenizer, {"messages": probe}, self.system)
+        except DataError:
+            return False
+        prompt, through = r.turns[0]
+        if not through.startswith(prompt + "Probe two."):
+            return False
+        self.closing = through[len(prompt) + len("Probe two."):]
+        return self._cut({"messages": probe}) == r
+
+    def _cut(self, row: dict) -> Rendered | None:
+        """The row rendered by cutting one marked rendering; None when that is not exactly right for it."""
+        messages, tools = with_system_prompt(row["messages"], self.system), row.get("tools") or None
+        if any("\x00MLXFT" in m["content"] for m in messages):
+            return None
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        marked = [dict(m, content=f"\x00MLXFT{k}\x00") if m["role"] == "assistant" else m
+                  for k, m in enumerate(messages)]
+        try:
+            pieces = _SENTINEL.split(self._text(marked, False, tools))
+            full = self._text(messages, False, tools)
+        except Exception:
+            return None  # the slow path reports the template error
+        # pieces = text, index, text, index, ...: each assistant message exactly once, in order
+        if [int(k) for k in pieces[1::2]] != assistant:
+            return None
+        text, starts, ends = [], [], []
+        for j, part in enumerate(pieces):
+            if j % 2:
+                starts.append(sum(map(len, text)))
+                text.append(messages[int(part)]["content"])
+                ends.append(sum(map(len, text)))
+            else:
+                text.append(part)
+        if "".join(text) != full:
+            return None
+        turns = []
+        for n, (start, end) in enumerate(zip(starts, ends)):
+            if n == len(starts) - 1 and assistant[-1] == len(messages) - 1:
+                through = full
+            elif full.startswith(self.closing, end):
+                through = full[: end + len(self.closing)]
+            else:
+                return None
+            turns.append((full[:start], through))
+        return Rendered(full, turns)
 
 
 def _fast_tokenizer(tokenizer):
@@ -195,10 +289,9 @@ def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None 
         slow: list[str] = []  # prefixes whose boundary does not fall on a token start
         plans = []
         for r, enc in zip(part, encodings):
-            starts = {o[0]: k for k, o in enumerate(enc.offsets)} if enc is not None and r.turns else {}
             plan = []
             for prefix in (x for turn in r.turns for x in turn):
-                k = starts.get(len(prefix)) if r.text.startswith(prefix) else None
+                k = _token_starting_at(enc, len(prefix)) if enc is not None and r.text.startswith(prefix) else None
                 if k is None and len(prefix) == len(r.text) and r.text == prefix:
                     k = len(enc.ids) if enc is not None else None
                 if k is None:
@@ -211,6 +304,12 @@ def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None 
             spans = list(zip(counts[0::2], counts[1::2]))
             out.append(_mask(tokenizer, full, spans, r.plain, max_length))
     return out
+
+
+def _token_starting_at(enc, pos: int) -> int | None:
+    """Index of the token whose first character is at `pos` (None when a token straddles it)."""
+    k = enc.char_to_token(pos)
+    return k if k is not None and enc.token_to_chars(k)[0] == pos else None
 
 
 def _mask(tokenizer, full: list[int], spans, plain: bool, max_length: int | None) -> Encoded:

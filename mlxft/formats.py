@@ -13,10 +13,13 @@ at all raises `DataError`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from mlxft.errors import DataError
@@ -63,6 +66,34 @@ class Example:
 
     where: str
     row: dict  # {"messages": [...], "tools"?, "rejected"?} or {"text": str}
+
+    # The keys are computed once per row: duplicates, leakage, splitting and the token-check
+    # cache all use them, and json.dumps of 100k rows is seconds.
+    @cached_property
+    def exact(self) -> str:
+        return exact_key(self.row)
+
+    @cached_property
+    def near(self) -> str:
+        return near_key(self.row)
+
+
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def near_key(row: dict) -> str:
+    """Text with case, punctuation and spacing removed: rows equal under this are near duplicates."""
+    if "text" in row:
+        parts = [row["text"]]
+    else:
+        parts = [f"{m['role'][0]} {m['content']} " + ("null" if m.get("tool_calls") is None else
+                                                     json.dumps(m["tool_calls"], sort_keys=True))
+                 for m in row["messages"]]
+    return _NOT_WORD.sub(" ", " ".join(parts).lower()).strip()
+
+
+def exact_key(row: dict) -> str:
+    return hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mlxft.data import Rendered, encode_rendered, eos_ids, render_row, with_system_prompt
+from mlxft.data import Rendered, Renderer, encode_rendered, eos_ids
 from mlxft.errors import DataError
-from mlxft.formats import Dataset, Example, Problem, load_dataset
+from mlxft.formats import Dataset, Example, Problem, exact_key, load_dataset, near_key  # noqa: F401 (lint API)
 
 ROLES = ("system", "user", "assistant", "tool")
 SPLIT_ORDER = ("train", "valid", "test", "data")
-_NOT_WORD = re.compile(r"[\W_]+")
 
 
 @dataclass
@@ -195,20 +194,6 @@ def _order_error(messages: list[dict]) -> str | None:
 # ---------------------------------------------------------------- duplicates, leakage, system prompts
 
 
-def near_key(row: dict) -> str:
-    """Text with case, punctuation and spacing removed: rows equal under this are near duplicates."""
-    if "text" in row:
-        parts = [row["text"]]
-    else:
-        parts = [f"{m['role'][0]} {m['content']} {json.dumps(m.get('tool_calls'), sort_keys=True)}"
-                 for m in row["messages"]]
-    return _NOT_WORD.sub(" ", " ".join(parts).lower()).strip()
-
-
-def exact_key(row: dict) -> str:
-    return hashlib.sha1(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def check_duplicates(ds: Dataset, report: Report) -> None:
     """Duplicates within a split are warnings (--fix drops the exact ones); a row of valid/test that
     is also in an earlier split is leakage, an error: the eval would score memorised rows."""
@@ -219,7 +204,7 @@ def check_duplicates(ds: Dataset, report: Report) -> None:
         for ex in ds.splits[split]:
             if ex.where in report.dropped:
                 continue
-            exact, near = exact_key(ex.row), hashlib.sha1(near_key(ex.row).encode()).hexdigest()
+            exact, near = ex.exact, ex.near
             if exact in seen_exact:
                 _drop(report, "warning", ex.where, f"exact duplicate of {seen_exact[exact]}", "duplicate")
                 continue
@@ -267,37 +252,130 @@ def check_system_prompts(ds: Dataset, report: Report, recipe_prompt: str | None)
 # ---------------------------------------------------------------- tokens
 
 
+# Bump when check_tokens' rules change: cached results of older rules are then ignored.
+TOKEN_CHECK_VERSION = 1
+
+
 def check_tokens(rows: list[Example], tokenizer, system: str | None, max_len: int | None, report: Report) -> dict:
-    """Render every clean row, tokenize in batches, and measure lengths against max_len."""
-    good: list[tuple[Example, Rendered]] = []
-    for ex in rows:
-        if ex.where in report.dropped:
-            continue
+    """Render every clean row, tokenize in batches, and measure lengths against max_len.
+
+    The result depends only on the rows, the tokenizer (vocabulary + chat template), the
+    system prompt and max_len, so it is cached under a hash of all four: `data prepare`
+    measures the rows it writes, and the `data check` / `train` that follow on the same
+    rows reuse it instead of rendering and tokenizing them again.
+    """
+    live = [ex for ex in rows if ex.where not in report.dropped]
+    key = _token_cache_key(live, tokenizer, system, max_len)
+    cached = _cache_load(key)
+    if cached is None:
+        cached = _measure_tokens(live, tokenizer, system, max_len)
+        _cache_save(key, cached)
+    stats, found = cached
+    for i, severity, message, code in found:
+        if severity == "error":
+            _drop(report, severity, live[i].where, message, code)
+        else:
+            report.problems.append(Problem(severity, live[i].where, message, code))
+    return stats
+
+
+def _measure_tokens(live: list[Example], tokenizer, system, max_len) -> tuple[dict, list]:
+    """(stats, problems as (row index, severity, message, code)) for rows that passed the earlier checks."""
+    found: list[tuple[int, str, str, str]] = []
+    good: list[tuple[int, Rendered]] = []
+    render = Renderer(tokenizer, system)
+    for i, ex in enumerate(live):
         try:
-            rendered = render_row(tokenizer, ex.row, system)
+            rendered = render(ex.row)
             _check_tools_rendered(ex.row, rendered.text)
         except DataError as e:
-            _drop(report, "error", ex.where, str(e), "render")
+            found.append((i, "error", str(e), "render"))
             continue
-        good.append((ex, rendered))
+        good.append((i, rendered))
     encoded = encode_rendered(tokenizer, [r for _, r in good])
-    eos = np.asarray(sorted(eos_ids(tokenizer)))
+    eos = sorted(eos_ids(tokenizer))
     lengths, supervised, lost, truncated = [], 0, 0, 0
-    for (ex, rendered), enc in zip(good, encoded):
-        learned_eos = int((enc.mask & np.isin(enc.ids, eos)).sum())
+    for (i, rendered), enc in zip(good, encoded):
+        learned = enc.ids[enc.mask]
+        learned_eos = sum(int(np.count_nonzero(learned == e)) for e in eos)
         if not rendered.plain and learned_eos < len(rendered.turns):
-            _drop(report, "error", ex.where, "an assistant turn has no end-of-turn token after rendering, so "
-                  "the model would never learn to stop (check the chat template and eos_token)", "end-of-turn")
+            found.append((i, "error", "an assistant turn has no end-of-turn token after rendering, so the model "
+                          "would never learn to stop (check the chat template and eos_token)", "end-of-turn"))
         lengths.append(len(enc.ids))
         supervised += int(enc.mask.sum())
         if max_len and len(enc.ids) > max_len:
             truncated += 1
             lost += int(enc.mask[max_len:].sum())
             if not enc.mask[:max_len].any():
-                report.problems.append(Problem("warning", ex.where, f"{len(enc.ids)} tokens: truncating to "
-                                               f"max_seq_length={max_len} leaves nothing to learn", "truncation"))
-    return {"tokens": int(sum(lengths)), "supervised": supervised, "truncated": truncated,
-            "supervised_lost": lost, "max_tokens": max(lengths, default=0), "lengths": lengths}
+                found.append((i, "warning", f"{len(enc.ids)} tokens: truncating to max_seq_length={max_len} "
+                              "leaves nothing to learn", "truncation"))
+    stats = {"tokens": int(sum(lengths)), "supervised": supervised, "truncated": truncated,
+             "supervised_lost": lost, "max_tokens": max(lengths, default=0), "lengths": lengths}
+    return stats, found
+
+
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A hash of everything that decides how rows render and tokenize (None: cannot tell, do not cache)."""
+    fp = getattr(tokenizer, "_mlxft_fingerprint", None)
+    if fp is not None:
+        return fp
+    from mlxft.data import _fast_tokenizer
+
+    fast = _fast_tokenizer(tokenizer)
+    if fast is None:
+        return None
+    h = hashlib.sha256(fast.to_str().encode())
+    for part in (getattr(tokenizer, "chat_template", None), sorted(eos_ids(tokenizer)),
+                 getattr(tokenizer, "special_tokens_map", None)):
+        h.update(b"\x00" + json.dumps(part, sort_keys=True, default=str).encode())
+    fp = h.hexdigest()
+    try:
+        tokenizer._mlxft_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
+
+
+def _token_cache_key(live: list[Example], tokenizer, system, max_len) -> str | None:
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp is None or os.environ.get("MLXFT_NO_CHECK_CACHE"):
+        return None
+    h = hashlib.sha256(json.dumps([TOKEN_CHECK_VERSION, fp, system, max_len]).encode())
+    for ex in live:
+        h.update(ex.exact.encode())
+    return h.hexdigest()
+
+
+def _cache_path(key: str) -> Path:
+    from mlxft.models import cache_dir
+
+    return cache_dir() / "checks" / f"{key}.json"
+
+
+def _cache_load(key: str | None):
+    if key is None:
+        return None
+    try:
+        data = json.loads(_cache_path(key).read_text())
+        return data["stats"], [tuple(p) for p in data["found"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent or unreadable: measure again
+
+
+def _cache_save(key: str | None, result, keep: int = 64) -> None:
+    """Best effort (a read-only cache folder only costs speed); the oldest entries beyond `keep` go."""
+    if key is None:
+        return
+    from mlxft.runs import write_atomic
+
+    path = _cache_path(key)
+    try:
+        write_atomic(path, json.dumps({"stats": result[0], "found": result[1]}))
+        entries = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-keep]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _check_tools_rendered(row: dict, text: str) -> None:

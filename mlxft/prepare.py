@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxft.errors import DataError
-from mlxft.formats import Example, load_dataset
-from mlxft.lint import Report, check_duplicates, check_rows, check_tokens, exact_key, near_key
+from mlxft.formats import Example, load_dataset, near_key
+from mlxft.lint import Report, check_duplicates, check_rows, check_tokens
 
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
@@ -44,9 +44,10 @@ def parse_split(text: str) -> tuple[float, float, float]:
     return parts
 
 
-def assign_split(row: dict, seed: int, fractions=DEFAULT_SPLIT) -> str:
+def assign_split(row: dict | Example, seed: int, fractions=DEFAULT_SPLIT) -> str:
     """train/valid/test from a hash of the row's normalised text: stable under reordering."""
-    digest = hashlib.sha256(f"{seed}\x00{near_key(row)}".encode()).digest()
+    near = row.near if isinstance(row, Example) else near_key(row)
+    digest = hashlib.sha256(f"{seed}\x00{near}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < fractions[0]:
         return "train"
@@ -106,12 +107,12 @@ def _split(ds, fractions, seed) -> tuple[dict[str, list[Example]], int]:
     out: dict[str, list[Example]] = {}
     for name, rows in ds.splits.items():
         for ex in rows:
-            key = exact_key(ex.row)
+            key = ex.exact
             if key in seen:
                 duplicates += 1
                 continue
             seen.add(key)
-            split = assign_split(ex.row, seed, fractions) if name == "data" else name
+            split = assign_split(ex, seed, fractions) if name == "data" else name
             out.setdefault(split, []).append(ex)
     order = ("train", "valid", "test")
     return {s: out[s] for s in sorted(out, key=lambda s: order.index(s) if s in order else 9)}, duplicates

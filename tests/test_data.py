@@ -141,3 +141,54 @@ def test_tool_calls_render_and_are_supervised(tmp_path):
     assert "get_weather" in supervised and "12C." in supervised and "weather?" not in supervised
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
     assert check_path(tmp_path, None, tok).ok
+
+
+def _varied_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "Own prompt"}] if i % 5 == 0 else []
+        for t in range(1 + i % 3):
+            msgs += [{"role": "user", "content": f"question {i}.{t}  "}, {"role": "assistant", "content": f" answer {i} {t}\n"}]
+        if i % 7 == 0:
+            msgs.append({"role": "user", "content": "a last question nobody answers"})
+        rows.append({"messages": msgs})
+    return rows
+
+
+# Content-dependent: strips content, and renders the final assistant turn differently.
+QUIRKY = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}[final]{% endif %}{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", "default", "quirky"])
+def test_renderer_equals_render_row(tokenizer, template):
+    """The two-call Renderer gives exactly render_row's result on every row, fast path or not."""
+    from mlxft.data import Renderer, render_row
+    from mlxft.models import DEFAULT_CHAT_TEMPLATE
+
+    saved = tokenizer._tokenizer.chat_template
+    if template != "chatml":
+        tokenizer._tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE if template == "default" else QUIRKY
+    try:
+        render = Renderer(tokenizer, "Sys", probe_rows=4)
+        rows = _varied_rows(40)
+        assert [render(r) for r in rows] == [render_row(tokenizer, r, "Sys") for r in rows]
+        # ChatML and the default template render messages one after another: cutting is provably right
+        assert render.fast is (template != "quirky")
+    finally:
+        tokenizer._tokenizer.chat_template = saved
+
+
+def test_renderer_falls_back_per_row_after_probe(tokenizer):
+    """A row whose content the template treats specially after probing still renders exactly."""
+    from mlxft.data import Renderer, render_row
+
+    render = Renderer(tokenizer, None, probe_rows=2)
+    for r in _varied_rows(3):
+        render(r)
+    assert render.fast is True
+    odd = {"messages": [{"role": "user", "content": "x \x00MLXFT0\x00 y"}, {"role": "assistant", "content": "z"}]}
+    assert render(odd) == render_row(tokenizer, odd, None)

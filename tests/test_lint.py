@@ -154,3 +154,35 @@ def test_fix_writes_a_clean_copy_and_never_touches_the_input(tiny_model, tmp_pat
     assert run("data", "check", clean, "--model", tiny_model).exit_code == 0
     again = run("data", "check", src, "--model", tiny_model, "--fix", clean)
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_token_check_is_cached_by_content(tiny_model, tmp_path, monkeypatch):
+    """prepare and the check/train that follow share one rendering: same rows, tokenizer, system
+    prompt and max length -> the cached result (same problems, same locations); any change -> measured."""
+    import mlxft.lint as lint
+    from mlxft.data import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(str(tiny_model))
+    monkeypatch.setenv("MLXFT_CACHE", str(tmp_path / "cache"))
+    tmp_path = tmp_path / "data"
+    tmp_path.mkdir()
+    recipe = load_recipe("smollm2-135m", overrides=["train.max_seq_length=40"])
+    convs = [[("user", f"q{i} " * (3 + 10 * (i % 3))), ("assistant", f"a{i}")] for i in range(12)]
+    (tmp_path / "train.jsonl").write_text(rows(*convs))
+    calls = []
+    measure = lint._measure_tokens
+    monkeypatch.setattr(lint, "_measure_tokens", lambda *a: calls.append(1) or measure(*a))
+    first = check_path(tmp_path, recipe, tokenizer)
+    second = check_path(tmp_path, recipe, tokenizer)
+    assert len(calls) == 1
+    assert [str(p) for p in first.problems] == [str(p) for p in second.problems]
+    assert first.stats == second.stats and first.stats["train"]["truncated"] > 0
+    other = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(other)  # the same rows elsewhere: reused, reported at their new location
+    moved = check_path(other, recipe, tokenizer)
+    truncations = [p for p in moved.problems if p.code == "truncation"]
+    assert len(calls) == 1 and truncations and all(p.where.startswith(str(other)) for p in truncations)
+    check_path(other, load_recipe("smollm2-135m", overrides=["train.max_seq_length=41"]), tokenizer)
+    (other / "train.jsonl").write_text(rows(*convs[:-1], [("user", "changed"), ("assistant", "a11")]))
+    check_path(other, recipe, tokenizer)
+    assert len(calls) == 3
