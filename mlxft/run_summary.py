@@ -162,7 +162,8 @@ def run_status(run: RunDir, config: dict, metrics: Metrics) -> str:
     """finished | failed-resumable | failed | interrupted | running | incomplete.
 
     "interrupted" means resumable (`mlxft train --resume RUN`): a checkpoint exists and the run
-    did not finish. A run whose metrics were written in the last two minutes may still be training.
+    did not finish. A run killed without Ctrl-C (no "interrupted" event) whose metrics were written
+    in the last two minutes is taken to be still training.
     """
     if config.get("finished"):
         return "finished"
@@ -170,7 +171,10 @@ def run_status(run: RunDir, config: dict, metrics: Metrics) -> str:
     diverged = [e for e in metrics.events if e.get("event") == "diverged"]
     if diverged:
         return "failed-resumable" if ckpts else "failed"
-    if run.metrics.is_file() and time.time() - run.metrics.stat().st_mtime < 120:
+    last_event = metrics.events[-1] if metrics.events else None
+    stopped = last_event and last_event.get("event") == "interrupted" and all(
+        m["step"] <= last_event["step"] for m in metrics.train)  # Ctrl-C, and not resumed since
+    if not stopped and run.metrics.is_file() and time.time() - run.metrics.stat().st_mtime < 120:
         return "running"
     return "interrupted" if ckpts else "incomplete"
 

@@ -538,6 +538,7 @@ def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
     if not saved:
         save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
     save_adapters(s.model, s.run.adapters, s.adapter_cfg)
+    s.run.log_metrics({"step": p.step, "event": "interrupted"})  # `mlxft runs`: resumable, not still running
     s.log(
         f"\ninterrupted at step {p.step} of {s.steps}: checkpoint saved in {s.run.checkpoint(p.step)}\n"
         f"resume with: mlxft train --resume {s.run.root}"

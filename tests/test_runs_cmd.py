@@ -31,6 +31,9 @@ def test_runs_lists_key_figures_and_every_status(tmp_path):
               metrics=[{"step": 3, "event": "diverged", "loss": "inf", "grad_norm": "inf"}])
     write_run(root, "e-fresh", config=make_config(finished=False), metrics=None)
     write_run(root, "f-training", config=make_config(finished=False), metrics=make_metrics(steps=10, overfit=False), age_seconds=0)
+    ctrl_c = make_metrics(steps=10, overfit=False) + [{"step": 10, "event": "interrupted"}]
+    write_run(root, "f2-ctrl-c-just-now", config=make_config(finished=False), metrics=ctrl_c, checkpoint_step=10,
+              age_seconds=0)
     (root / "g-broken").mkdir()
     (root / "g-broken" / "config.json").write_text("{oops")
     (root / "not-a-run").mkdir()
@@ -49,6 +52,7 @@ def test_runs_lists_key_figures_and_every_status(tmp_path):
     assert row_of(res.output, "d-diverged-early").endswith("failed")
     assert row_of(res.output, "e-fresh").endswith("incomplete (no metrics yet)")
     assert row_of(res.output, "f-training").endswith("running")
+    assert row_of(res.output, "f2-ctrl-c-just-now").endswith("interrupted")
     assert "unreadable" in row_of(res.output, "g-broken") and "config.json cannot be read as JSON" in res.output
     assert "not-a-run" not in res.output
 
