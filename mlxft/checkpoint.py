@@ -31,6 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxft.distributed import is_main
 from mlxft.errors import MlxftError
 from mlxft.runs import RunDir, write_atomic
 
@@ -84,7 +85,9 @@ def restore_rng(rng: dict) -> None:
 
 
 def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json, each file atomically."""
+    """Write adapters.safetensors + adapter_config.json, each file atomically (rank 0 only)."""
+    if not is_main():
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
     tmp = out_dir / f".adapters-{os.getpid()}.safetensors"
@@ -99,6 +102,8 @@ def save_checkpoint(
 ) -> Path:
     """Write the full training state at `progress.step` atomically, then drop all but the newest `keep`."""
     final = run.checkpoint(progress.step)
+    if not is_main():  # data-parallel: rank 0 holds the same state and writes it
+        return final
     tmp = run.checkpoints / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -165,7 +170,7 @@ def read_progress(path: Path) -> Progress:
 
 def truncate_metrics(run: RunDir, step: int) -> None:
     """Drop metrics logged after `step`: the resumed run logs those steps again."""
-    if not run.metrics.is_file():
+    if not run.metrics.is_file() or not is_main():
         return
     lines = run.metrics.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]

@@ -85,14 +85,24 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
 @click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
               help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs.")
+@click.option("--hosts", default=None, metavar="H1,H2",
+              help="Data-parallel over these hosts (IPs or ssh names; 127.0.0.1,127.0.0.1 = two local ranks) via mlx.launch.")
+@click.option("--hostfile", default=None, metavar="JSON", help="Data-parallel over mlx.launch's JSON hostfile.")
+@click.option("--launch-arg", "launch_args", multiple=True, metavar="ARG",
+              help="Pass ARG to mlx.launch, e.g. --launch-arg=--starting-port=40000.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from pathlib import Path
 
+    from mlxft import distributed
     from mlxft.recipes import load_recipe
     from mlxft.train import resume, train as run_training
 
+    if hosts or hostfile or launch_args:  # re-run this command on every host, as ranks of one job
+        argv = distributed.rank_argv(sys.argv[sys.argv.index("train"):])
+        sys.exit(distributed.launch(argv, hosts, hostfile, launch_args))
+    distributed.init()  # a rank of mlx.launch/mpirun joins its group; a plain process is a group of one
     if resume_run:
         if data_dir or model or tier or overrides or runs_dir or method:
             raise click.UsageError(
@@ -106,6 +116,7 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         r = load_recipe(recipe, tier=tier, overrides=overrides)
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
+    compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
     if compare:
         from mlxft.evaluate import compare_run, format_comparison
 

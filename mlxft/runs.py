@@ -91,11 +91,22 @@ class RunDir:
         return json.loads(self.config.read_text())
 
     def write_config(self, config: dict) -> None:
+        if not _writes():
+            return
         write_atomic(self.config, json.dumps(config, indent=2, default=str) + "\n")
 
     def log_metrics(self, record: dict) -> None:
+        if not _writes():
+            return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _writes() -> bool:
+    """Only rank 0 of a data-parallel run writes the run folder (always true in a single process)."""
+    from mlxft.distributed import is_main
+
+    return is_main()
 
 
 def is_run(path: str | Path) -> bool:

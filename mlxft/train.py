@@ -40,6 +40,7 @@ from mlxft.checkpoint import (
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
 from mlxft.data import Encoded, encode_rows, load_splits
+from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
 from mlxft.runs import RunDir
@@ -339,6 +340,7 @@ def _load(recipe: Recipe, data_dir: Path, log) -> tuple[BaseModel, list[Encoded]
 def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir, config: dict, log) -> Session:
     """Seed, attach adapters and build the optimizer: the same on a fresh start and on resume."""
     t = recipe.train
+    dist.check_batch_size(t.batch_size)
     mx.random.seed(t.seed)
     np.random.seed(t.seed)
     model = base.model
@@ -374,6 +376,7 @@ def _run_card(recipe: Recipe, base: BaseModel, data_dir: Path, train_set, valid_
         "total_parameters": n_total,
         "steps": steps,
         "versions": versions(),
+        "ranks": dist.size(),  # data-parallel ranks (mlx.launch); batch_size is the global batch
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "device": str(mx.default_device()),
                     **_machine_details()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -402,9 +405,10 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
     check_data(recipe, data_dir, log)
     base, train_set, valid_set = _load(recipe, data_dir, log)
-    run = RunDir.create(recipe.name, runs_root)
+    run = dist.create_run(recipe.name, runs_root)  # rank 0 creates it; other ranks never write
     s = _prepare(recipe, base, train_set, valid_set, run, {}, log)
     s.config = _run_card(recipe, base, data_dir, train_set, valid_set, s.steps)
+    dist.check_same_start(s.config, s.model)  # every rank: same data, base, versions and start weights
     run.write_config(s.config)
     t = recipe.train
     log(f"run folder: {run.root}")
@@ -418,11 +422,35 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
 
 def resume(run_path: str | Path, log=print) -> TrainResult:
     """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
-    run = RunDir.open(run_path)
-    if run.read_config().get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
+    root, ckpt, config = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
+    if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
         from mlxft.preference import resume_preference
 
         return resume_preference(run_path, log)
+    run, ckpt = RunDir(Path(root)), Path(ckpt)
+    dist.remember_run(run.root)
+    recipe = recipe_from_dict(config["recipe"])
+    data_dir = Path(config["data"]["path"])
+    _check_same_data(data_dir, config["data"]["sha256"])
+    base, train_set, valid_set = _load(recipe, data_dir, log)
+    s = _prepare(recipe, base, train_set, valid_set, run, config, log)
+    progress = dist.load_checkpoint(ckpt, s.model, s.optimizer)
+    truncate_metrics(run, progress.step)
+    run.log_metrics({"step": progress.step, "event": "resumed", "checkpoint": ckpt.name})
+    config.setdefault("resumed", []).append({"from_step": progress.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    run.write_config(config)
+    log(f"resuming {run.root} from {ckpt.name} (step {progress.step} of {s.steps})")
+    if config.get("versions") != versions():  # other kernels: close to, but not bit-identical with, a straight run
+        log(f"note: library versions differ from the run's start ({config.get('versions')} -> {versions()})")
+    return _run(s, progress)
+
+
+def _open_resumable(run_path: str) -> list:
+    """[run folder, newest checkpoint, config.json] of a run that can be resumed (a non-SFT run: no checkpoint check)."""
+    run = RunDir.open(run_path)
+    config = run.read_config()
+    if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
+        return [str(run.root), None, config]
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise MlxftError(
@@ -432,21 +460,7 @@ def resume(run_path: str | Path, log=print) -> TrainResult:
     done = read_progress(ckpt)
     if done.stop_reason:
         raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")
-    config = run.read_config()
-    recipe = recipe_from_dict(config["recipe"])
-    data_dir = Path(config["data"]["path"])
-    _check_same_data(data_dir, config["data"]["sha256"])
-    base, train_set, valid_set = _load(recipe, data_dir, log)
-    s = _prepare(recipe, base, train_set, valid_set, run, config, log)
-    progress = load_checkpoint(ckpt, s.model, s.optimizer)
-    truncate_metrics(run, progress.step)
-    run.log_metrics({"step": progress.step, "event": "resumed", "checkpoint": ckpt.name})
-    config.setdefault("resumed", []).append({"from_step": progress.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    run.write_config(config)
-    log(f"resuming {run.root} from {ckpt.name} (step {progress.step} of {s.steps})")
-    if config.get("versions") != versions():  # other kernels: close to, but not bit-identical with, a straight run
-        log(f"note: library versions differ from the run's start ({config.get('versions')} -> {versions()})")
-    return _run(s, progress)
+    return [str(run.root), str(ckpt), config]
 
 
 def _check_same_data(data_dir: Path, recorded: dict) -> None:
@@ -485,7 +499,7 @@ def _run(s: Session, p: Progress) -> TrainResult:
                 saved = bool(t.save_every) and p.step % t.save_every == 0
                 if saved:
                     save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
-                if interrupted.is_set():
+                if dist.any_rank(interrupted.is_set()):  # every rank stops at the same step
                     _stop_interrupted(s, p, saved)
     finally:
         bar.close()
@@ -564,13 +578,19 @@ def _train_step(s: Session, p: Progress) -> None:
     t = s.recipe.train
     tic = time.perf_counter()
     grads_acc, step_loss = None, 0.0
-    for _ in range(t.grad_accumulation):
-        inputs, targets, idx, n_tok, n_sup = collate(_next_batch(s, p))
-        loss, grads = s.loss_and_grad(s.model, inputs, targets, idx)
-        grads_acc = grads if grads_acc is None else _tree_add(grads_acc, grads)
-        step_loss += loss
-        p.tokens += n_tok
-        p.supervised_tokens += n_sup
+    with dist.rank_rng():
+        for _ in range(t.grad_accumulation):
+            # With several ranks: this rank's slice of the global batch, weighted by its token share.
+            rows, weight, n_tok, n_sup = dist.shard_batch(_next_batch(s, p))
+            inputs, targets, idx, _, _ = collate(rows)
+            loss, grads = s.loss_and_grad(s.model, inputs, targets, idx)
+            if weight != 1.0:
+                loss, grads = loss * weight, _tree_scale(grads, weight)
+            grads_acc = grads if grads_acc is None else _tree_add(grads_acc, grads)
+            step_loss += loss
+            p.tokens += n_tok
+            p.supervised_tokens += n_sup
+    grads_acc, step_loss = dist.reduce_step(grads_acc, step_loss)  # average over ranks (no-op on one)
     if t.grad_accumulation > 1:
         grads_acc = _tree_scale(grads_acc, 1.0 / t.grad_accumulation)
         step_loss = step_loss / t.grad_accumulation
@@ -633,7 +653,7 @@ def _after_step(s: Session, p: Progress, write) -> None:
 def _validate(s: Session, p: Progress, write) -> None:
     t = s.recipe.train
     s.model.eval()
-    p.val_loss = validation_loss(s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
+    p.val_loss = dist.validation_loss(validation_loss, s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
     s.model.train()
     s.run.log_metrics({"step": p.step, "val_loss": p.val_loss})
     write(f"step {p.step}: train loss {p.last_loss:.3f}, validation loss {p.val_loss:.3f}")
