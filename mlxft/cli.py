@@ -117,6 +117,11 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
+    if compare and result.run.read_config()["recipe"]["train"].get("method", "sft") != "sft":
+        from mlxft.preference import compare_pairs, format_pairs  # pairs, not chat rows: log-prob preference
+
+        click.echo(format_pairs(compare_pairs(result.run.root, log=click.echo)))
+        compare = False
     if compare:
         from mlxft.evaluate import compare_run, format_comparison
 
@@ -133,6 +138,20 @@ def eval_cmd(run, split):
     from mlxft.evaluate import compare_run, format_comparison
 
     click.echo(format_comparison(compare_run(run, split)))
+
+
+@main.command("eval-pairs")
+@click.argument("run")
+@click.option("--data", default=None, type=click.Path(),
+              help="Preference pairs to score (default: the run's test split).")
+@friendly
+def eval_pairs(run, data):
+    """Preference accuracy of base vs adapter on held-out pairs (log-probs); adds a suite to RUN/eval.json."""
+    from mlxft.preference import compare_pairs, format_pairs
+
+    result = compare_pairs(run, data, log=click.echo)
+    click.echo(format_pairs(result))
+    click.echo(f"wrote {run}/eval.json")
 
 
 @main.command()

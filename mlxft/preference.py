@@ -234,13 +234,19 @@ def make_loss(model: nn.Module, recipe: Recipe) -> Callable:
     return loss_fn
 
 
-def pair_logps(model: nn.Module, family: str, pairs: list[Pair], batch_size: int) -> np.ndarray:
-    """(N, 2) summed log-probs of the chosen and rejected answers (no gradients, eval mode)."""
+def pair_logps(model: nn.Module, family: str, pairs: list[Pair], batch_size: int, desc: str | None = None) -> np.ndarray:
+    """(N, 2) summed log-probs of the chosen and rejected answers (no gradients, eval mode).
+
+    `desc` shows a progress bar with that label (it takes minutes on a CPU for a few hundred pairs).
+    """
+    from tqdm import tqdm
+
     logps = make_logps(model, family)
     was_training = model.training
     model.eval()
     out = np.zeros((len(pairs), 2), dtype=np.float64)
-    for lo in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for lo in tqdm(starts, desc=desc, unit="batch", file=sys.stderr, disable=desc is None, leave=False):
         chunk = pairs[lo : lo + batch_size]
         values = np.array(logps(model, collate_pairs(chunk)))
         out[lo : lo + len(chunk), 0] = values[: len(chunk)]
@@ -251,7 +257,7 @@ def pair_logps(model: nn.Module, family: str, pairs: list[Pair], batch_size: int
 
 def set_reference(model: nn.Module, family: str, pairs: list[Pair], batch_size: int) -> None:
     """Store the (adapter-free) model's log-probs on each pair: DPO's reference, computed once."""
-    values = pair_logps(model, family, pairs, batch_size)
+    values = pair_logps(model, family, pairs, batch_size, desc="reference log-probs")
     for p, (c, r) in zip(pairs, values):
         p.ref_chosen, p.ref_rejected = float(c), float(r)
 
@@ -391,20 +397,36 @@ def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir,
     """Reference log-probs (DPO) on the bare base, then adapters, optimizer and loss: same on resume."""
     t = recipe.train
     model = base.model
+    steps = sft.total_steps(recipe, len(train_set))
     if recipe.train.method == "dpo":
         tic = time.perf_counter()
+        needed = [train_set[i] for i in visited_pairs(recipe, train_set, steps)] + valid_set
         # Before any adapter exists this IS the base model: the reference, with no second copy.
-        set_reference(model, recipe.model.family, train_set + valid_set, t.batch_size)
-        log(f"reference log-probs of {len(train_set) + len(valid_set)} pairs in {time.perf_counter() - tic:.0f}s")
+        set_reference(model, recipe.model.family, needed, t.batch_size)
+        log(f"reference log-probs of {len(needed)} pairs in {time.perf_counter() - tic:.0f}s")
     mx.random.seed(t.seed)
     np.random.seed(t.seed)
     sft.attach_adapters(model, recipe)
     model.train()
-    steps = sft.total_steps(recipe, len(train_set))
     optimizer = optim.AdamW(learning_rate=sft.build_schedule(recipe, steps), weight_decay=t.weight_decay)
     loss_fn = make_loss(model, recipe)
     return PrefSession(recipe, run, config, sft.adapter_config(recipe, len(model.layers), base), model, optimizer,
                        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log)
+
+
+def visited_pairs(recipe: Recipe, train_set: list[Pair], steps: int) -> list[int]:
+    """Indices of the training pairs the run's batches use (the order is fixed by seed and epoch, see
+    `_next_batch`), so a run shorter than an epoch computes reference log-probs only for those."""
+    t = recipe.train
+    lengths = np.array([q.length for q in train_set])
+    needed: set[int] = set()
+    left, epoch = steps * t.grad_accumulation, 0
+    while left > 0 and len(needed) < len(train_set):
+        order = sft.batch_order(lengths, t.batch_size, t.seed, epoch)
+        for batch in order[:left]:
+            needed.update(batch.tolist())
+        left, epoch = left - len(order), epoch + 1
+    return sorted(needed)
 
 
 def _run(s: PrefSession, p: PrefProgress) -> sft.TrainResult:
@@ -571,3 +593,136 @@ def _finish(s: PrefSession, p: PrefProgress) -> sft.TrainResult:
           f"{p.last_stats.get('reward_margin', float('nan')):.2f}; adapters in {s.run.adapters}"
           + (f" (best: {s.run.best_dir}, step {p.best_step})" if p.best_step else ""))
     return result
+
+
+# ---------------------------------------------------------------- eval: does the adapter prefer the chosen style?
+
+PAIRS_SUITE = "house-style-pairs"
+
+
+def score_pairs(model: nn.Module, tokenizer, family: str, rows: list[dict], system_prompt: str | None,
+                max_length: int | None = None, batch_size: int = 8) -> dict:
+    """How often the model puts more probability on the chosen answer than on the rejected one.
+
+    `accuracy` compares mean per-token log-probs: a summed log-prob favours the shorter
+    answer whatever its style (a concise answer has fewer tokens to pay for), so the sum
+    says little about style; it is reported too, as `accuracy_summed`.
+    """
+    pairs = encode_pairs(tokenizer, rows, system_prompt, max_length)
+    logps = pair_logps(model, family, pairs, batch_size)
+    lengths = np.array([[p.chosen.mask.sum(), p.rejected.mask.sum()] for p in pairs], dtype=np.float64)
+    per_token = logps / np.maximum(lengths, 1)
+    return {
+        "accuracy": float((per_token[:, 0] > per_token[:, 1]).mean()),
+        "accuracy_summed": float((logps[:, 0] > logps[:, 1]).mean()),
+        "margin_per_token": float((per_token[:, 0] - per_token[:, 1]).mean()),
+        "chosen_logp": float(logps[:, 0].mean()),
+        "rejected_logp": float(logps[:, 1].mean()),
+        "per_pair": (per_token[:, 0] - per_token[:, 1]).tolist(),
+    }
+
+
+def read_pair_rows(path: Path) -> list[dict]:
+    """Normalised preference rows of a file (any format mlxft reads); DataError names file:line."""
+    from mlxft.formats import load_dataset
+
+    ds = load_dataset(Path(path))
+    errors = [p for p in ds.problems if p.severity == "error"]
+    if errors:
+        raise DataError(str(errors[0]))
+    rows = [ex for split in ds.splits.values() for ex in split]
+    missing = [ex.where for ex in rows if "rejected" not in ex.row]
+    if missing or not rows:
+        raise DataError(f"{missing[0] if missing else path}: expected preference pairs (prompt + chosen + rejected)")
+    return [ex.row for ex in rows]
+
+
+def compare_pairs(run_path: str | Path, data: str | Path | None = None, log=print) -> dict:
+    """Score the run's base and adapter on held-out pairs; merge the suite into RUN/eval.json.
+
+    `data` defaults to the run's test split. The suite entry follows eval.json's schema
+    (version 2): one `preference_accuracy` scorer, gated on the adapter beating the base.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    from mlxft.models import load_run_base
+
+    run = RunDir.open(run_path)
+    cfg = run.read_config()
+    recipe = sft.recipe_from_dict(cfg["recipe"])
+    path = Path(data) if data else Path(cfg["data"]["path"]) / "test.jsonl"
+    rows = read_pair_rows(path)
+    adapters = run.best_adapters
+    if not (adapters / "adapters.safetensors").is_file():
+        raise MlxftError(f"run {run.root} has no adapters yet ({adapters}/adapters.safetensors missing)")
+    base = load_run_base(cfg)
+    system, family = cfg.get("system_prompt"), recipe.model.family
+    seconds, scores = {}, {}
+    for side in ("base", "adapter"):
+        if side == "adapter":
+            load_adapters(base.model, str(adapters))
+        log(f"scoring the {side} on {len(rows)} preference pairs from {path} ...")
+        tic = time.perf_counter()
+        scores[side] = score_pairs(base.model, base.tokenizer, family, rows, system, recipe.train.max_seq_length,
+                                   recipe.train.batch_size)
+        seconds[side] = round(time.perf_counter() - tic, 2)
+    values = {side: scores[side]["accuracy"] for side in scores}
+    worst = np.argsort(scores["adapter"]["per_pair"])[:10]
+    suite = {
+        "description": "held-out preference pairs: share where the model gives the chosen (house-style) answer "
+                       "a higher mean per-token log-prob than the rejected one",
+        "data": str(path),
+        "n": len(rows),
+        "seconds": seconds,
+        "scorers": [{
+            "name": "preference_accuracy", "type": "preference_accuracy", "higher_is_better": True, "unit": "fraction",
+            "values": values, "delta": values["adapter"] - values["base"],
+            "gate": {"rule": "adapter > base", "passed": values["adapter"] > values["base"]},
+            "details": {k: {side: scores[side][k] for side in scores}
+                        for k in ("accuracy_summed", "margin_per_token", "chosen_logp", "rejected_logp")},
+        }],
+        "failures": [{"prompt": _prompt_text(rows[i]), "reference": rows[i]["messages"][-1]["content"],
+                      "base": f"per-token margin {scores['base']['per_pair'][i]:+.3f}",
+                      "adapter": f"per-token margin {scores['adapter']['per_pair'][i]:+.3f}",
+                      "scorer": "preference_accuracy"}
+                     for i in worst if scores["adapter"]["per_pair"][i] <= 0],
+    }
+    suite["passed"] = suite["scorers"][0]["gate"]["passed"]
+    result = _merge_eval_json(run, suite, cfg)
+    return result
+
+
+def _prompt_text(row: dict) -> str:
+    prompt, _, _ = split_pair(row)
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _merge_eval_json(run: RunDir, suite: dict, cfg: dict) -> dict:
+    """Add (or replace) this suite in RUN/eval.json, keeping the other suites an eval wrote."""
+    try:
+        result = json.loads(run.eval_json.read_text())
+        if not isinstance(result.get("suites"), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        result = {"version": 2, "run": str(run.root), "base_model": cfg["recipe"]["model"]["source"],
+                  "adapter": str(run.best_adapters), "suites": {}}
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["suites"][PAIRS_SUITE] = suite
+    result["passed"] = all(s.get("passed", True) is not False for s in result["suites"].values())
+    from mlxft.runs import write_atomic
+
+    write_atomic(run.eval_json, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_pairs(result: dict) -> str:
+    s = result["suites"][PAIRS_SUITE]
+    sc = s["scorers"][0]
+    v, d = sc["values"], sc["details"]
+    return "\n".join([
+        f"preference accuracy on {s['n']} held-out pairs (chosen beats rejected by mean per-token log-prob):",
+        f"  base     {100 * v['base']:5.1f}%   (summed log-prob: {100 * d['accuracy_summed']['base']:5.1f}%)",
+        f"  adapter  {100 * v['adapter']:5.1f}%   (summed log-prob: {100 * d['accuracy_summed']['adapter']:5.1f}%)",
+        f"  delta    {100 * sc['delta']:+5.1f} points; mean per-token margin "
+        f"{d['margin_per_token']['base']:+.3f} -> {d['margin_per_token']['adapter']:+.3f}",
+    ])

@@ -152,6 +152,14 @@ def test_dpo_step0_loss_is_log2_and_training_raises_the_margin(tiny_model, pair_
     cfg = json.loads((res.run.root / "config.json").read_text())
     assert cfg["recipe"]["train"]["method"] == "dpo" and cfg["preference"]["beta"] == 0.1
     assert (res.run.best_dir / "adapters.safetensors").is_file()
+    # The eval: base vs adapter preference accuracy, written to eval.json as a suite.
+    from mlxft.preference import PAIRS_SUITE, compare_pairs
+
+    result = compare_pairs(res.run.root, pair_data / "train.jsonl", log=lambda *_: None)
+    suite = json.loads((res.run.root / "eval.json").read_text())["suites"][PAIRS_SUITE]
+    values = suite["scorers"][0]["values"]
+    assert suite["n"] == 48 and values == result["suites"][PAIRS_SUITE]["scorers"][0]["values"]
+    assert values["adapter"] > values["base"] and suite["passed"]
 
 
 def test_orpo_raises_the_margin(tiny_model, pair_data, tmp_path):
@@ -281,3 +289,42 @@ def test_dpo_refuses_chat_rows_and_bad_pairs_before_loading(tiny_model, tiny_dat
     with pytest.raises(DataError, match=r"train.jsonl:2: error: chosen and rejected are the same answer"):
         train(pref_recipe(tiny_model, data, "orpo"), runs_root=tmp_path, **QUIET)
     assert not any((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else True
+
+
+# ---------------------------------------------------------------- the demo: data, recipes, suite
+
+
+@pytest.mark.parametrize("name, method", [("house-style-dpo", "dpo"), ("house-style-orpo", "orpo")])
+def test_house_style_recipes_train_on_the_pairs(name, method):
+    from mlxft.recipes import load_recipe
+
+    recipe = load_recipe(name, tier=16)
+    assert recipe.train.method == method and recipe.data.path == "datasets/house-style"
+    assert recipe.lora.dropout == 0.0  # DPO's step-0 policy must equal the reference
+
+
+def test_house_style_data_is_reproducible_clean_and_held_out(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import re
+
+    import yaml
+
+    from mlxft.lint import check_path
+
+    root = Path(__file__).resolve().parent.parent / "datasets" / "house-style"
+    subprocess.run([sys.executable, str(root / "generate.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl", "suite.jsonl"):
+        assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), name
+    report = check_path(root)
+    assert report.ok, report.errors[:3]
+    rows = {s: [json.loads(line) for line in (root / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "test")}
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test"]}
+    # The suite's style scorer tells the two styles apart on every pair.
+    suite = yaml.safe_load((root.parent.parent / "evals" / "house-style.yaml").read_text())
+    (style,) = [s for s in suite["scorers"] if s["name"] == "house_style"]
+    pattern = re.compile(style["pattern"], re.I)
+    for r in rows["train"] + rows["test"]:
+        assert pattern.fullmatch(r["chosen"]) and not pattern.fullmatch(r["rejected"])

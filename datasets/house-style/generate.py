@@ -19,8 +19,11 @@ The test split is held out: it uses values (units, words, countries) and questio
 phrasings that never occur in train or valid, so a model must learn the style, not the rows.
 
 Standard library only and deterministic: the same seed gives byte-identical files.
+Besides the three splits it writes ``suite.jsonl``: the test pairs as chat rows (chosen =
+the reference answer, plus ``rejected``) for the eval suite ``evals/house-style.yaml``.
+
 Importable too: ``SYSTEM_PROMPT``, ``FILLER``, ``MAX_WORDS``, ``generate(seed)``,
-``write_splits(splits, out_dir)``.
+``suite_rows(rows)``, ``write_splits(splits, out_dir)``.
 """
 
 from __future__ import annotations
@@ -282,14 +285,21 @@ def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> None:
         os.replace(tmp, out_dir / f"{split}.jsonl")
 
 
+def suite_rows(rows: list[dict]) -> list[dict]:
+    """Test pairs as chat rows for the eval suite (evals/house-style.yaml): the chosen answer is the
+    reference, the rejected one rides along for the log-prob preference scorer."""
+    return [{"messages": [{"role": "system", "content": r["system"]}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["chosen"]}], "rejected": r["rejected"]} for r in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = ap.parse_args()
     splits = generate(args.seed)
-    write_splits(splits, args.out)
-    print(", ".join(f"{s}: {len(r)}" for s, r in splits.items()), f"-> {args.out}")
+    write_splits({**splits, "suite": suite_rows(splits["test"])}, args.out)
+    print(", ".join(f"{s}: {len(r)}" for s, r in splits.items()), f"(+ suite.jsonl) -> {args.out}")
 
 
 if __name__ == "__main__":
