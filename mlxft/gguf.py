@@ -6,7 +6,10 @@
 The folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json) loads with stock ``mlx_lm.load``. Q4_0/Q4_1/Q8_0 weights stay
 quantized as MLX affine triplets (group size 32) unless ``dequantize`` asks for dense ones.
-Per-architecture knowledge lives in ``ARCHITECTURES``; adding one is a table entry.
+Files with other types (K-quants Q4_K/Q6_K/..., Q5_0, IQ*, ...) are dequantized in numpy by
+the ``gguf`` package; kept quantized, they are re-quantized to MLX's nearest bit width.
+Per-architecture knowledge lives in ``ARCHITECTURES`` (names, config keys, fixes such as
+gemma's norm offset) and tokenizer kinds in ``TOKENIZERS``; adding a family is a table entry.
 """
 
 from __future__ import annotations
@@ -18,27 +21,72 @@ import re
 import shutil
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from mlxft.errors import ModelError
 
-# ggml tensor type names by id (ggml.h), for messages; SUPPORTED_TYPES are the importable ones.
+# ggml tensor type names by id (ggml.h), for messages; supported_types() lists the importable ones.
 TENSOR_TYPES = dict(enumerate(
     "F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS "
     "IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16".split()))
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+MLX_NATIVE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")  # what mx.load reads
 GROUP_SIZE = 32  # every Q4_0/Q4_1/Q8_0 block covers 32 weights: MLX's group size
+MLX_BITS = (2, 3, 4, 5, 6, 8)  # the widths MLX's affine quantization offers
 DENSE_DTYPES = {"fp16": mx.float16, "bf16": mx.bfloat16, "fp32": mx.float32}
 
 # GGUF metadata value types -> struct codes (8 = string and 9 = array are handled apart).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
+
+
+def _type_name(kind: int) -> str:
+    if kind in TENSOR_TYPES:
+        return TENSOR_TYPES[kind]
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(kind).name
+    except ValueError:
+        return f"type {kind}"
+
+
+_SUPPORTED: tuple[str, ...] | None = None
+
+
+def supported_types() -> tuple[str, ...]:
+    """Tensor types the importer reads: mx.load's own, plus all the ``gguf`` package dequantizes."""
+    global _SUPPORTED
+    if _SUPPORTED is None:
+        import gguf
+
+        names = list(MLX_NATIVE_TYPES)
+        for qtype, (block, size) in gguf.GGML_QUANT_SIZES.items():
+            if qtype.name in names:
+                continue
+            try:  # one zero block: cheap, and exactly what the importer will call
+                gguf.quants.dequantize(np.zeros((1, size), np.uint8), qtype)
+            except (NotImplementedError, ValueError, TypeError):
+                continue
+            names.append(qtype.name)
+        _SUPPORTED = tuple(names)
+    return _SUPPORTED
+
+
+def _mlx_bits(type_name: str) -> int:
+    """The MLX width a re-quantized tensor of this GGUF type gets: its bits per weight, rounded down
+    to one MLX offers (Q4_K 4.5 bpw -> 4, Q5_0 -> 5, Q6_K 6.56 -> 6, Q8_0 -> 8, IQ2_XXS -> 2)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    bpw = int(size * 8 / block)
+    return max([b for b in MLX_BITS if b <= bpw] or [MLX_BITS[0]])
 
 
 @dataclass(frozen=True)
@@ -110,7 +158,7 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
                 raise ModelError(f"{path} is a truncated or corrupt GGUF file ({e})") from None
     alignment = metadata.get("general.alignment", 32)
     data_start = -(-reader.pos // alignment) * alignment  # the data section starts aligned
-    tensors = {name: TensorInfo(TENSOR_TYPES.get(kind, f"type {kind}"), shape, data_start + offset)
+    tensors = {name: TensorInfo(_type_name(kind), shape, data_start + offset)
                for name, kind, shape, offset in raw}
     return metadata, tensors
 
@@ -131,16 +179,26 @@ def gguf_metadata_summary(path: str | os.PathLike) -> dict[str, Any]:
             "parameters": sum(int(np.prod(t.shape)) for t in tensors.values())}
 
 
-def _llama_config(metadata: dict, prefix: str) -> dict:
+def _getter(metadata: dict, prefix: str):
     def get(key, default=None):
         value = metadata.get(f"{prefix}.{key}", default)
         if value is None:
             raise ModelError(f"GGUF metadata lacks {prefix}.{key}")
         return value
+    return get
 
+
+def _f32(value: float) -> float:
+    """GGUF stores float32: write 1e-05, not 9.999999747378752e-06."""
+    return float(f"{value:.7g}")
+
+
+def _llama_config(metadata: dict, prefix: str, model_type: str = "llama") -> dict:
+    """Llama-shaped families (llama, mistral, qwen2, ...): mlx-lm's ModelArgs share these keys."""
+    get = _getter(metadata, prefix)
     hidden, heads = get("embedding_length"), get("attention.head_count")
     config = {
-        "model_type": "llama",
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),
@@ -162,6 +220,47 @@ def _llama_config(metadata: dict, prefix: str) -> dict:
     return config
 
 
+def _gemma3_config(metadata: dict, prefix: str) -> dict:
+    """mlx-lm's gemma3_text ModelArgs from gemma3 GGUF metadata.
+
+    llama.cpp's converter leaves out what it hard-codes for gemma3; the same defaults are used
+    here: local (sliding-window) rope base 10000, every 6th layer global, and attention scaled
+    by head_dim**-0.5 (the 27B model, 62 layers, by (hidden/heads)**-0.5).
+    """
+    get = _getter(metadata, prefix)
+    hidden, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
+    head_dim = get("attention.key_length", 256)
+    pattern = metadata.get(f"{prefix}.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # newer converters: one bool per layer, True = sliding
+        period = next((i + 1 for i, sliding in enumerate(pattern) if not sliding), len(pattern))
+        if any(bool(s) != ((i + 1) % period != 0) for i, s in enumerate(pattern)):
+            raise ModelError(f"sliding window layout {pattern} is not periodic; mlx-lm needs a period")
+        pattern = period
+    config = {
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(get("rope.freq_base", 1_000_000.0)),
+        "rope_local_base_freq": _f32(get("rope.freq_base_swa", 10_000.0)),
+        "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+        "sliding_window": get("attention.sliding_window"),
+        "sliding_window_pattern": pattern,
+        "max_position_embeddings": get("context_length"),
+        "rope_scaling": None,
+    }
+    scaling = metadata.get(f"{prefix}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor")}
+    elif scaling != "none":
+        raise ModelError(f"rope scaling {scaling!r} is not supported yet (only 'linear')")
+    return config
+
+
 @dataclass(frozen=True)
 class Architecture:
     """What the importer needs to know about one ``general.architecture``."""
@@ -170,6 +269,12 @@ class Architecture:
     tensor_names: dict[str, str]  # GGUF base name ({n} = block) -> mlx-lm module path
     rotary_permuted: dict[str, str]  # tensors llama.cpp row-permuted -> metadata key of their head count
     build_config: Callable[[dict, str], dict]
+    # Constants llama.cpp added to tensors at conversion, undone here (gemma norms: +1).
+    weight_offsets: dict[str, float] = field(default_factory=dict)
+    # Used when the GGUF carries no tokenizer.chat_template (base models); its end-of-turn
+    # token (looked up in the vocabulary) joins the eos ids so generation stops after a turn.
+    default_chat_template: str | None = None
+    end_of_turn: str | None = None
 
 
 _LLAMA_TENSORS = {
@@ -184,6 +289,36 @@ _LLAMA_TENSORS = {
     "blk.{n}.attn_norm": "model.layers.{n}.input_layernorm",
     "blk.{n}.ffn_norm": "model.layers.{n}.post_attention_layernorm",
 }
+_GEMMA3_TENSORS = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm",
+    "blk.{n}.attn_q": "model.layers.{n}.self_attn.q_proj",
+    "blk.{n}.attn_k": "model.layers.{n}.self_attn.k_proj",
+    "blk.{n}.attn_v": "model.layers.{n}.self_attn.v_proj",
+    "blk.{n}.attn_output": "model.layers.{n}.self_attn.o_proj",
+    "blk.{n}.attn_q_norm": "model.layers.{n}.self_attn.q_norm",
+    "blk.{n}.attn_k_norm": "model.layers.{n}.self_attn.k_norm",
+    "blk.{n}.ffn_gate": "model.layers.{n}.mlp.gate_proj",
+    "blk.{n}.ffn_up": "model.layers.{n}.mlp.up_proj",
+    "blk.{n}.ffn_down": "model.layers.{n}.mlp.down_proj",
+    "blk.{n}.attn_norm": "model.layers.{n}.input_layernorm",
+    "blk.{n}.post_attention_norm": "model.layers.{n}.post_attention_layernorm",
+    "blk.{n}.ffn_norm": "model.layers.{n}.pre_feedforward_layernorm",
+    "blk.{n}.post_ffw_norm": "model.layers.{n}.post_feedforward_layernorm",
+}
+# Gemma's turn format; the system prompt (which Gemma has no role for) opens the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ ns.system + message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 ARCHITECTURES = {
     "llama": Architecture(
         metadata_prefix="llama",
@@ -191,6 +326,23 @@ ARCHITECTURES = {
         rotary_permuted={"blk.{n}.attn_q": "attention.head_count",
                          "blk.{n}.attn_k": "attention.head_count_kv"},
         build_config=_llama_config,
+    ),
+    # llama.cpp keeps qwen2's q/k rows as they are (NEOX rope); biases come along by name.
+    "qwen2": Architecture(
+        metadata_prefix="qwen2",
+        tensor_names=_LLAMA_TENSORS,
+        rotary_permuted={},
+        build_config=partial(_llama_config, model_type="qwen2"),
+    ),
+    "gemma3": Architecture(
+        metadata_prefix="gemma3",
+        tensor_names=_GEMMA3_TENSORS,
+        rotary_permuted={},  # NEOX rope in llama.cpp: rows are not permuted
+        build_config=_gemma3_config,
+        # llama.cpp stores gemma's RMSNorm weights as 1 + w; mlx-lm's gemma3_text adds the 1 itself.
+        weight_offsets={t: -1.0 for t in _GEMMA3_TENSORS if t.endswith("norm")},
+        default_chat_template=GEMMA_CHAT_TEMPLATE,
+        end_of_turn="<end_of_turn>",
     ),
 }
 
@@ -201,13 +353,85 @@ PRE_TOKENIZERS = {
     "gpt-2": lambda: _GPT2_SPLIT,
     # llama.cpp splits every \p{N} alone before the GPT-2 regex; HF SmolLM2 ships the same.
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _GPT2_SPLIT]),
+    "qwen2": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }
+
+
+def _add_vocab_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    # Control tokens (<|im_end|>, <end_of_turn>, ...) must match whole, never be split;
+    # user-defined ones (gemma's runs of newlines or spaces) match whole on the raw text too.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, k in zip(tokens, types) if k == _CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+
+def _bos_processor(metadata: dict):
+    tokens = metadata["tokenizer.ggml.tokens"]
+    bos_id = metadata["tokenizer.ggml.bos_token_id"]
+    bos = tokens[bos_id]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                         special_tokens=[(bos, bos_id)])
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece-BPE / llama.cpp's SPM tokenizer on this vocabulary.
+
+    SPM repeatedly joins the adjacent pair whose joined piece scores highest; as merges that is
+    every split of every normal piece into two vocabulary pieces, ranked by the joined piece's score.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score, kind in zip(tokens, scores, types):
+        if kind != _NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[piece], vocab[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _build_spm_tokenizer(metadata: dict, path: Path) -> Tokenizer:
+    """SentencePiece-style ('llama') vocabulary: pieces with scores, ▁ for spaces, byte fallback."""
+    tokens = metadata["tokenizer.ggml.tokens"]
+    scores = metadata.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise ModelError(f"{path}: SentencePiece vocabulary without tokenizer.ggml.scores")
+    types = metadata.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    model = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=spm_merges(tokens, scores, types),
+                       unk_token=tokens[unk_id] if unk_id is not None else None,
+                       byte_fallback=True, fuse_unk=True)
+    tokenizer = Tokenizer(model)
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        decode.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(decode)
+    if metadata.get("tokenizer.ggml.add_bos_token", False):
+        tokenizer.post_processor = _bos_processor(metadata)
+    _add_vocab_tokens(tokenizer, tokens, types)
+    return tokenizer
 
 
 def _build_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    if kind not in TOKENIZERS:
+        raise ModelError(f"{path}: tokenizer model {kind!r} is not supported; supported: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind](metadata, path)
+
+
+def _build_bpe_tokenizer(metadata: dict, path: Path) -> Tokenizer:
+    """Byte-level BPE ('gpt2'): vocabulary + merges + the pre-tokenizer llama.cpp names."""
     pre = metadata.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
         raise ModelError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {sorted(PRE_TOKENIZERS)}")
@@ -219,17 +443,14 @@ def _build_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     post = [processors.ByteLevel(trim_offsets=False)]
     if metadata.get("tokenizer.ggml.add_bos_token", False):
-        bos = tokens[metadata["tokenizer.ggml.bos_token_id"]]
-        post.append(processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])]))
+        post.append(_bos_processor(metadata))
     tokenizer.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
-    # Control tokens (<|im_end|>, ...) must match whole, never be split by BPE.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, k in zip(tokens, types) if k == _CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    _add_vocab_tokens(tokenizer, tokens, types)
     return tokenizer
+
+
+# tokenizer.ggml.model -> builder of an HF tokenizers.Tokenizer
+TOKENIZERS = {"gpt2": _build_bpe_tokenizer, "llama": _build_spm_tokenizer}
 
 
 def _unpermute_rows(a: mx.array, n_heads: int) -> mx.array:
@@ -247,17 +468,24 @@ def _check_tensors(path: Path, tensors: dict[str, TensorInfo], arch: Architectur
     """Fail before any heavy work on a tensor we cannot read or place."""
     if "token_embd.weight" not in tensors:
         raise ModelError(f"{path}: no token_embd.weight tensor")
+    supported = supported_types()
     for name, info in tensors.items():
-        if info.type_name not in SUPPORTED_TYPES:
+        if info.type_name not in supported:
             raise ModelError(f"{path}: tensor {name} has type {info.type_name}, which cannot be "
-                             f"imported; supported types: {', '.join(SUPPORTED_TYPES)}")
+                             f"imported; supported types: {', '.join(supported)}")
         if _template(name.rpartition(".")[0])[0] not in arch.tensor_names:
             raise ModelError(f"{path}: tensor {name} has no mlx-lm counterpart "
                              f"for architecture {arch.metadata_prefix!r}")
 
 
 def _load_tensors(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.array]:
-    """Tensors by GGUF name, quantized ones as MLX triplets (<base>.weight/.scales/.biases)."""
+    """Tensors by GGUF name, quantized ones as MLX triplets (<base>.weight/.scales/.biases).
+
+    A file with any type mx.load cannot read is read whole through the ``gguf`` package:
+    every tensor comes back dense (float32 for quantized types).
+    """
+    if any(info.type_name not in MLX_NATIVE_TYPES for info in tensors.values()):
+        return _load_tensors_numpy(path, tensors)
     try:
         arrays = mx.load(str(path))
     except (RuntimeError, ValueError) as e:
@@ -269,11 +497,42 @@ def _load_tensors(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.ar
     return arrays
 
 
-def _convert_weights(arrays, arch, metadata, dequantize):
+def _load_tensors_numpy(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.array]:
+    import gguf
+
+    arrays = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for name, info in tensors.items():
+            qtype = gguf.GGMLQuantizationType[info.type_name]
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            count = int(np.prod(info.shape))
+            if info.shape[-1] % block:
+                raise ModelError(f"{path}: tensor {name} rows ({info.shape[-1]}) are not whole "
+                                 f"{info.type_name} blocks of {block}")
+            nbytes = count // block * size
+            if info.offset + nbytes > len(buf):
+                raise ModelError(f"{path} is truncated: tensor {name} runs past the end of the file")
+            raw = np.frombuffer(buf, np.uint8, count=nbytes, offset=info.offset)
+            rows = raw.reshape(-1, info.shape[-1] // block * size)
+            if info.type_name == "BF16":  # keep the bits; float32 would double the size
+                array = mx.array(rows.view(np.uint16)).view(mx.bfloat16)
+            elif info.type_name in ("F32", "F16"):
+                array = mx.array(rows.view(np.float32 if info.type_name == "F32" else np.float16))
+            else:
+                array = mx.array(gguf.quants.dequantize(rows, qtype))
+            arrays[name] = array.reshape(info.shape)
+            del raw, rows
+    return arrays
+
+
+def _convert_weights(arrays, arch, metadata, dequantize, tensors=None):
     """Rename to mlx-lm names, undo the rotary permutation, optionally dequantize.
 
     Returns the new weights and {module path: bits} of the modules left quantized.
+    Dense tensors that were quantized in the file (read through the ``gguf`` package) are
+    re-quantized to MLX's nearest width unless ``dequantize`` is set.
     """
+    tensors = tensors or {}
     weights, bits_of = {}, {}
     groups: dict[str, dict[str, mx.array]] = {}  # 'blk.0.attn_q' -> {'weight': .., 'scales': ..}
     for name, array in arrays.items():
@@ -286,6 +545,19 @@ def _convert_weights(arrays, arch, metadata, dequantize):
             heads = metadata[f"{arch.metadata_prefix}.{arch.rotary_permuted[template]}"]
             # The permutation moves output rows, so it applies alike to weight, scales and biases.
             parts = {k: _unpermute_rows(a, heads) for k, a in parts.items()}
+        offset = arch.weight_offsets.get(template)
+        if offset is not None:
+            if "scales" in parts:
+                raise ModelError(f"{base} is quantized; the offset llama.cpp added to it cannot be undone")
+            parts = {k: (a.astype(mx.float32) + offset).astype(a.dtype) if k == "weight" else a
+                     for k, a in parts.items()}
+        info = tensors.get(f"{base}.weight")
+        if (not dequantize and "scales" not in parts and info is not None
+                and info.type_name not in ("F32", "F16", "BF16")):
+            bits = _mlx_bits(info.type_name)
+            w, scales, biases = mx.quantize(parts["weight"], group_size=GROUP_SIZE, bits=bits)
+            parts = {**parts, "weight": w, "scales": scales.astype(mx.float16),
+                     "biases": biases.astype(mx.float16)}
         if "scales" in parts:
             bits = parts["weight"].shape[-1] // parts["scales"].shape[-1]  # uint32 words per group
             if dequantize:
@@ -293,7 +565,8 @@ def _convert_weights(arrays, arch, metadata, dequantize):
                 dense = mx.dequantize(parts["weight"], parts["scales"].astype(mx.float32),
                                       parts["biases"].astype(mx.float32),
                                       group_size=GROUP_SIZE, bits=bits)
-                parts = {"weight": dense}
+                parts = {**{k: a for k, a in parts.items() if k not in ("weight", "scales", "biases")},
+                         "weight": dense}  # keeps a linear layer's own "bias"
             else:
                 bits_of[target] = bits
         if dequantize:
@@ -319,12 +592,18 @@ def _hf_configs(path: Path, metadata: dict, tensors: dict, arch: Architecture) -
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
     ids = {k: metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "padding", "unknown")}
+    tokens = metadata["tokenizer.ggml.tokens"]
+    chat_template = metadata.get("tokenizer.chat_template")
+    if chat_template is None and arch.default_chat_template and arch.end_of_turn in tokens:
+        # A base model's GGUF has no template; its family's turn format is the one it knows.
+        chat_template = arch.default_chat_template
+    if ids["eot"] is None and chat_template and arch.end_of_turn and arch.end_of_turn in chat_template:
+        ids["eot"] = tokens.index(arch.end_of_turn)
     # Chat models end a turn with eot (when llama.cpp records one) as well as eos.
     eos_ids = [i for i in dict.fromkeys([ids["eos"], ids["eot"]]) if i is not None]
     config.update(vocab_size=tensors["token_embd.weight"].shape[0], bos_token_id=ids["bos"],
                   tie_word_embeddings="output.weight" not in tensors,  # llama.cpp drops tied heads
                   eos_token_id=eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None))
-    tokens = metadata["tokenizer.ggml.tokens"]
     name = {k: tokens[i] if i is not None else None for k, i in ids.items()}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name["bos"],
@@ -332,7 +611,7 @@ def _hf_configs(path: Path, metadata: dict, tensors: dict, arch: Architecture) -
         "unk_token": name["unknown"], "model_max_length": config["max_position_embeddings"],
         "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
         "clean_up_tokenization_spaces": False,
-        "chat_template": metadata.get("tokenizer.chat_template"),
+        "chat_template": chat_template,
     }
     tokenizer_config = {k: v for k, v in tokenizer_config.items() if v is not None}
     generation_config = {"bos_token_id": ids["bos"], "eos_token_id": config["eos_token_id"]}
@@ -369,7 +648,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     shutil.rmtree(tmp, ignore_errors=True)  # left over by a killed run that had our pid
     tmp.mkdir()
     try:
-        weights, bits_of = _convert_weights(_load_tensors(path, tensors), arch, metadata, dequantize)
+        weights, bits_of = _convert_weights(_load_tensors(path, tensors), arch, metadata, dequantize, tensors)
         if bits_of:
             configs["config.json"]["quantization"] = _quantization_block(bits_of)
             configs["config.json"]["quantization_config"] = configs["config.json"]["quantization"]

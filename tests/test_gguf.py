@@ -15,7 +15,7 @@ from mlx_lm.utils import load, load_tokenizer
 from mlxft.errors import ModelError
 from mlxft.gguf import gguf_metadata_summary, import_gguf
 
-F32, Q4_0, Q4_1, Q8_0, Q4_K, BF16 = 0, 2, 3, 8, 12, 30  # ggml type ids
+F32, Q4_0, Q4_1, Q8_0, Q4_K, Q8_K, BF16 = 0, 2, 3, 8, 12, 15, 30  # ggml type ids
 ARGS = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -276,14 +276,15 @@ def test_failure_while_writing_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
 
 def test_unsupported_architecture_and_tensor_type(tmp_path):
     metadata = gguf_metadata(len(tiny_vocab()[0]))
-    write_gguf(tmp_path / "gemma.gguf", {**metadata, "general.architecture": "gemma3"}, [])
-    with pytest.raises(ModelError, match=r"'gemma3' is not supported; supported: llama"):
-        import_gguf(tmp_path / "gemma.gguf", tmp_path / "out" / "m")
+    write_gguf(tmp_path / "mamba.gguf", {**metadata, "general.architecture": "mamba"}, [])
+    with pytest.raises(ModelError, match=r"'mamba' is not supported; supported: gemma3, llama"):
+        import_gguf(tmp_path / "mamba.gguf", tmp_path / "out" / "m")
     vocab = len(metadata["tokenizer.ggml.tokens"])
     embed = ("token_embd.weight", F32, (vocab, 64), bytes(4 * 64 * vocab))
-    kquant = ("blk.0.ffn_down.weight", Q4_K, (64, 256), bytes(144 * 64))
+    # Q8_K exists only as llama.cpp's intermediate for dot products: no dequantizer anywhere.
+    kquant = ("blk.0.ffn_down.weight", Q8_K, (64, 256), bytes(292 * 64))
     write_gguf(tmp_path / "k.gguf", metadata, [embed, kquant])
-    with pytest.raises(ModelError, match=r"tensor blk\.0\.ffn_down\.weight has type Q4_K"):
+    with pytest.raises(ModelError, match=r"tensor blk\.0\.ffn_down\.weight has type Q8_K"):
         import_gguf(tmp_path / "k.gguf", tmp_path / "out" / "m")
     assert no_leftovers(tmp_path / "out")
 
