@@ -52,9 +52,10 @@ def test_trained_adapter_answers_the_task(tiny_model, tiny_data, tmp_path):
     from mlxft.evaluate import compare_run
 
     res = train(tiny_recipe(tiny_model, tiny_data, iters=80), runs_root=tmp_path, log=lambda *_: None)
-    result = compare_run(res.run.root, "test", log=lambda *_: None)
-    assert result["adapter"] >= 0.5 and result["adapter"] > result["base"]
-    assert json.loads((res.run.root / "eval.json").read_text())["n"] == 12
+    result = compare_run(res.run.root, log=lambda *_: None)  # no suites in the recipe: its test split
+    values = result["suites"]["test"]["scorers"][0]["values"]
+    assert values["adapter"] >= 0.5 and values["adapter"] > values["base"]
+    assert json.loads((res.run.root / "eval.json").read_text())["suites"]["test"]["n"] == 12
 
 
 @pytest.mark.parametrize("method", ["dora", "full"])
