@@ -80,7 +80,7 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.iters=200.")
 @click.option("--runs-dir", default=None, help="Where run folders go (default: ./runs).")
 @click.option("--compare/--no-compare", default=False,
-              help="After training, score base vs adapter (exact match) on the test split.")
+              help="After training, score base vs adapter on the recipe's eval suites; exit 1 when a gate fails.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN",
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
 @click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
@@ -125,19 +125,34 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
     if compare:
         from mlxft.evaluate import compare_run, format_comparison
 
-        click.echo(format_comparison(compare_run(result.run.root)))
+        evaluated = compare_run(result.run.root, log=click.echo)
+        click.echo(format_comparison(evaluated))
     click.echo(f"run folder: {result.run.root}")
+    if compare and not evaluated["passed"]:
+        sys.exit(1)  # an eval gate failed (the table above says which): CI should notice
 
 
 @main.command("eval")
-@click.argument("run")
-@click.option("--split", default="test", show_default=True)
+@click.argument("run_or_model")
+@click.option("--suite", "suites", multiple=True, metavar="NAME",
+              help="Suite in evals/ (or a .yaml path); repeatable. Default: the recipe's eval.suites.")
+@click.option("--against", default=None, metavar="BASE",
+              help="Compare with this model or run instead of the run's own base.")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Score one --suite on this chat JSONL instead of its own data (e.g. your held-out set).")
+@click.option("--split", default="test", show_default=True, help="Split scored when the recipe names no suites.")
+@click.option("--failures", default=3, show_default=True, help="Worst failures shown per suite (eval.json keeps 10).")
 @friendly
-def eval_cmd(run, split):
-    """Score base vs adapter of RUN on a data split (exact match)."""
+def eval_cmd(run_or_model, suites, against, data, split, failures):
+    """Score base vs adapter on eval suites; print the table, write RUN/eval.json; exit 1 if a gate fails."""
     from mlxft.evaluate import compare_run, format_comparison
 
-    click.echo(format_comparison(compare_run(run, split)))
+    result = compare_run(run_or_model, list(suites), against, data, split, log=click.echo)
+    click.echo(format_comparison(result, failures))
+    if result["run"]:
+        click.echo(f"wrote {result['run']}/eval.json")
+    if not result["passed"]:
+        sys.exit(1)
 
 
 @main.command("eval-pairs")
