@@ -427,3 +427,20 @@ def test_gemma3_270m_tokenizer_matches_gguf_vocabulary(gemma3_real):
                  "12345 + 67890 = 80235", " leading and trailing ", "<start_of_turn>user\nhi<end_of_turn>"]:
         assert tokenizer.encode(text) == spm_encode(text, tokens, scores, types, bos_id=2), text
     assert set(tokenizer.eos_token_ids) == {tokens.index("<eos>"), tokens.index("<end_of_turn>")}
+
+
+def test_gemma3_recipe_adapters_attach_to_the_imported_model(tiny_gemma3, tmp_path):
+    """Recipe gemma3-270m's targets are modules of what import-gguf writes for a gemma3 GGUF."""
+    from mlx.utils import tree_flatten
+
+    from mlxft.recipes import load_recipe
+    from mlxft.train import attach_adapters
+
+    recipe = load_recipe("gemma3-270m", tier=16, overrides=[f"lora.num_layers={G['layers']}"])
+    model, _ = load(str(import_gguf(tiny_gemma3[0], tmp_path / "m", dequantize="fp32")))
+    assert type(model).__module__ == f"mlx_lm.models.{recipe.model.family}"
+    attach_adapters(model, recipe)
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    for n in range(G["layers"]):
+        for target in recipe.lora.targets:
+            assert f"model.layers.{n}.{target}.lora_a" in trainable, target

@@ -25,6 +25,7 @@ COMMIT_TYPE_PROMPT = (
 REQUIRED_RECIPES = {
     "smollm2-135m", "llama3-1b", "llama3-3b", "llama3-8b", "qwen2.5-0.5b", "qwen2.5-7b",
     "qwen3-4b", "mistral-7b", "gemma3-1b", "phi-3.5-mini", "qwen3-30b-a3b",
+    "gemma3-270m",  # the second real (installable) family
 }
 
 
@@ -94,6 +95,16 @@ def test_default_recipe_keeps_its_cpu_tuned_values():
         assert (train.grad_checkpoint, train.max_seq_length) == (False, 256)
         assert (train.val_every, train.val_batches, train.report_every, train.seed) == (40, 4, 10, 0)
         assert not recipe.quantize  # 135M fits anywhere in full precision
+
+
+def test_two_real_families_adapt_every_linear_layer_of_their_blocks():
+    """The two recipes whose base installs from PyPI: different families, each fully targeted."""
+    recipes = {name: load_recipe(name, tier=16) for name in ("smollm2-135m", "gemma3-270m")}
+    assert {name: r.model.family for name, r in recipes.items()} == {
+        "smollm2-135m": "llama", "gemma3-270m": "gemma3_text"}
+    assert recipes["gemma3-270m"].model.source == "builtin:gemma3-270m"
+    for recipe in recipes.values():
+        assert set(recipe.lora.targets) == family_module_keys(recipe.model.family)
 
 
 def test_moe_recipe_adapts_experts_but_not_the_router():
