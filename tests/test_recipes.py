@@ -72,6 +72,8 @@ def test_recipes_demo_the_commit_type_task(name):
     recipe = load_recipe(name, tier=16)
     if recipe.train.method != "sft":
         pytest.skip("a preference recipe: its demo is datasets/house-style (tests/test_preference.py)")
+    if recipe.data.path == "datasets/structured":
+        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
     assert recipe.data.path == "datasets/commit-type"
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT
     assert recipe.eval.max_tokens == 8
