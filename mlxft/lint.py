@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,20 +280,28 @@ def check_tokens(rows: list[Example], tokenizer, system: str | None, max_len: in
     return stats
 
 
-def _measure_tokens(live: list[Example], tokenizer, system, max_len) -> tuple[dict, list]:
+def _measure_tokens(live: list[Example], tokenizer, system, max_len, chunk: int = 2048) -> tuple[dict, list]:
     """(stats, problems as (row index, severity, message, code)) for rows that passed the earlier checks."""
     found: list[tuple[int, str, str, str]] = []
     good: list[tuple[int, Rendered]] = []
     render = Renderer(tokenizer, system)
-    for i, ex in enumerate(live):
-        try:
-            rendered = render(ex.row)
-            _check_tools_rendered(ex.row, rendered.text)
-        except DataError as e:
-            found.append((i, "error", str(e), "render"))
-            continue
-        good.append((i, rendered))
-    encoded = encode_rendered(tokenizer, [r for _, r in good])
+    # Rendering is Python; the Rust tokenizer releases the GIL, so chunk n is tokenized
+    # on a second thread while chunk n+1 renders.
+    with ThreadPoolExecutor(1) as pool:
+        pending = []
+        for lo in range(0, len(live), chunk):
+            part = []
+            for i, ex in enumerate(live[lo : lo + chunk], lo):
+                try:
+                    rendered = render(ex.row)
+                    _check_tools_rendered(ex.row, rendered.text)
+                except DataError as e:
+                    found.append((i, "error", str(e), "render"))
+                    continue
+                part.append((i, rendered))
+            good += part
+            pending.append(pool.submit(encode_rendered, tokenizer, [r for _, r in part]))
+        encoded = [enc for job in pending for enc in job.result()]
     eos = sorted(eos_ids(tokenizer))
     lengths, supervised, lost, truncated = [], 0, 0, 0
     for (i, rendered), enc in zip(good, encoded):
