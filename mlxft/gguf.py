@@ -96,6 +96,7 @@ class TensorInfo:
     type_name: str
     shape: tuple[int, ...]  # MLX (row-major) order: GGUF stores dims reversed
     offset: int  # absolute byte offset of the data in the file
+    file: Path | None = None  # the file (or gguf-split shard) that holds it
 
 
 class _Reader:
@@ -158,14 +159,43 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
                 raise ModelError(f"{path} is a truncated or corrupt GGUF file ({e})") from None
     alignment = metadata.get("general.alignment", 32)
     data_start = -(-reader.pos // alignment) * alignment  # the data section starts aligned
-    tensors = {name: TensorInfo(_type_name(kind), shape, data_start + offset)
+    tensors = {name: TensorInfo(_type_name(kind), shape, data_start + offset, path)
                for name, kind, shape, offset in raw}
+    return metadata, tensors
+
+
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama.cpp's gguf-split naming
+
+
+def read_gguf_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Metadata and tensor table of a GGUF model: one file, or all shards of a gguf-split set.
+
+    A split model is named by its first shard (``name-00001-of-0000N.gguf``); the others are
+    read from beside it. Raises ModelError for another shard, a missing one or a short table.
+    """
+    path = Path(path)
+    metadata, tensors = read_gguf_header(path)
+    count = int(metadata.get("split.count", 1) or 1)
+    if count <= 1:
+        return metadata, tensors
+    match = _SHARD_NAME.fullmatch(path.name)
+    if not match or int(metadata.get("split.no", 0)) != 0:
+        raise ModelError(f"{path} is shard {int(metadata.get('split.no', 0)) + 1} of {count} of a split GGUF; "
+                         f"pass the first shard (...-00001-of-{count:05d}.gguf)")
+    for number in range(2, count + 1):
+        shard = path.with_name(f"{match[1]}-{number:05d}-of-{count:05d}.gguf")
+        if not shard.is_file():
+            raise ModelError(f"{path}: shard {shard.name} of this split GGUF is missing")
+        tensors.update(read_gguf_header(shard)[1])
+    expected = metadata.get("split.tensors.count")
+    if expected is not None and expected != len(tensors):
+        raise ModelError(f"{path}: the {count} shards hold {len(tensors)} tensors, the header says {expected}")
     return metadata, tensors
 
 
 def gguf_metadata_summary(path: str | os.PathLike) -> dict[str, Any]:
     """A short description of a GGUF file (architecture, sizes, tensor types, tokenizer)."""
-    metadata, tensors = read_gguf_header(path)
+    metadata, tensors = read_gguf_model(path)
     arch = metadata.get("general.architecture")
     hyper = {k: metadata.get(f"{arch}.{key}") for k, key in [
         ("layers", "block_count"), ("hidden_size", "embedding_length"),
@@ -484,16 +514,22 @@ def _load_tensors(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.ar
     A file with any type mx.load cannot read is read whole through the ``gguf`` package:
     every tensor comes back dense (float32 for quantized types).
     """
-    if any(info.type_name not in MLX_NATIVE_TYPES for info in tensors.values()):
-        return _load_tensors_numpy(path, tensors)
-    try:
-        arrays = mx.load(str(path))
-    except (RuntimeError, ValueError) as e:
-        raise ModelError(f"{path}: mlx could not read the tensors ({e})") from None
+    files = {info.file or path: {} for info in tensors.values()}
     for name, info in tensors.items():
-        if info.type_name == "BF16":  # mx.load widens BF16 through float16 (lossy): read the bits
-            bits = np.fromfile(path, np.uint16, count=int(np.prod(info.shape)), offset=info.offset)
-            arrays[name] = mx.array(bits).view(mx.bfloat16).reshape(info.shape)
+        files[info.file or path][name] = info
+    arrays = {}
+    for file, part in files.items():  # one file, or each shard of a split model
+        if any(info.type_name not in MLX_NATIVE_TYPES for info in part.values()):
+            arrays.update(_load_tensors_numpy(file, part))
+            continue
+        try:
+            arrays.update(mx.load(str(file)))
+        except (RuntimeError, ValueError) as e:
+            raise ModelError(f"{file}: mlx could not read the tensors ({e})") from None
+        for name, info in part.items():
+            if info.type_name == "BF16":  # mx.load widens BF16 through float16 (lossy): read the bits
+                bits = np.fromfile(file, np.uint16, count=int(np.prod(info.shape)), offset=info.offset)
+                arrays[name] = mx.array(bits).view(mx.bfloat16).reshape(info.shape)
     return arrays
 
 
@@ -633,7 +669,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise ModelError(f"dequantize={dequantize!r} is not one of {sorted(DENSE_DTYPES)}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ModelError(f"{out_dir} already exists and is not empty; pick a new folder")
-    metadata, tensors = read_gguf_header(path)
+    metadata, tensors = read_gguf_model(path)
     arch = ARCHITECTURES.get(metadata.get("general.architecture"))
     if arch is None:
         raise ModelError(f"{path}: architecture {metadata.get('general.architecture')!r} is not "

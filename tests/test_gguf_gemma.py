@@ -78,7 +78,7 @@ def quantized(rng, qtype, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]
     return raw, values
 
 
-def write_tiny_gemma3(path, seed=0):
+def write_tiny_gemma3(path, seed=0, split_max_tensors=0):
     """A random 2-layer gemma3 GGUF written the way llama.cpp writes one (norms stored as 1 + w).
 
     Returns the mlx-lm weights it stands for.
@@ -89,7 +89,7 @@ def write_tiny_gemma3(path, seed=0):
     shapes = {"self_attn.q_proj": (D, H), "self_attn.k_proj": (G["kv"] * G["head_dim"], H),
               "self_attn.v_proj": (G["kv"] * G["head_dim"], H), "self_attn.o_proj": (H, D),
               "mlp.gate_proj": (F, H), "mlp.up_proj": (F, H), "mlp.down_proj": (H, F)}
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    w = gguf.GGUFWriter(path, "gemma3", split_max_tensors=split_max_tensors)
     w.add_name("tiny gemma3")
     w.add_context_length(128)
     w.add_embedding_length(H)
@@ -177,6 +177,22 @@ def test_gemma3_kquant_import_matches_source_logits(tiny_gemma3, tmp_path):
     assert config["model_type"] == "gemma3_text" and config["tie_word_embeddings"]
     assert (config["sliding_window"], config["sliding_window_pattern"]) == (G["window"], G["pattern"])
     assert (config["head_dim"], config["query_pre_attn_scalar"]) == (G["head_dim"], G["head_dim"])
+
+
+def test_split_gguf_shards_are_read_together(tmp_path):
+    """llama.cpp's gguf-split layout: name-0000K-of-0000N.gguf, metadata in the first shard."""
+    source = write_tiny_gemma3(tmp_path / "split.gguf", split_max_tensors=9)
+    shards = sorted(p.name for p in tmp_path.glob("split-*-of-*.gguf"))
+    assert len(shards) == 4, shards
+    with pytest.raises(ModelError, match="pass the first shard"):
+        import_gguf(tmp_path / shards[1], tmp_path / "x")
+    out = import_gguf(tmp_path / shards[0], tmp_path / "m", dequantize="fp32")
+    model, _ = load(str(out))
+    expected = logits(reference_gemma3(source))
+    np.testing.assert_allclose(logits(model), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    (tmp_path / shards[2]).unlink()
+    with pytest.raises(ModelError, match=f"shard {shards[2]} of this split GGUF is missing"):
+        import_gguf(tmp_path / shards[0], tmp_path / "y")
 
 
 def test_gemma3_norms_lose_llamacpps_plus_one(tiny_gemma3, tmp_path):
