@@ -125,20 +125,28 @@ def encode_pairs(tokenizer, rows: list[dict], system_prompt: str | None, max_len
 
 
 @dataclass
-class PairBatch:
-    inputs: mx.array  # (2B, T): chosen rows first, then rejected rows
+class Padded:
+    """Rows right-padded to their longest, with the flat supervised positions and which row each is in."""
+
+    inputs: mx.array  # (R, T)
     targets: mx.array
     idx: mx.array  # flat supervised positions
-    segments: mx.array  # (2B, n_supervised) one-hot: which row each supervised position belongs to
-    lengths: mx.array  # (2B,) supervised tokens per row
+    segments: mx.array  # (R, n_supervised) one-hot: row of each supervised position
+
+
+@dataclass
+class PairBatch:
+    # Chosen and rejected rows are padded apart: a rambling rejected answer is often several
+    # times longer than the chosen one, and one shared padding would spend most compute on pads.
+    chosen: Padded
+    rejected: Padded
+    lengths: mx.array  # (2B,) supervised tokens per row: chosen rows, then rejected rows
     ref: mx.array  # (2B,) reference log-probs (NaN when unused)
     n_tokens: int
     n_supervised: int
 
 
-def collate_pairs(pairs: list[Pair]) -> PairBatch:
-    """Right-pad chosen and rejected rows into one (2B, T) batch: one forward pass per step."""
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+def _pad(rows: list[Encoded]) -> tuple[Padded, np.ndarray]:
     T = max(len(r.ids) for r in rows) - 1
     inputs = np.zeros((len(rows), T), dtype=np.int32)
     targets = np.zeros((len(rows), T), dtype=np.int32)
@@ -149,14 +157,22 @@ def collate_pairs(pairs: list[Pair]) -> PairBatch:
     idx = np.flatnonzero(mask)
     segments = np.zeros((len(rows), len(idx)), dtype=np.float32)
     segments[idx // T, np.arange(len(idx))] = 1.0
+    padded = Padded(mx.array(inputs), mx.array(targets), mx.array(idx.astype(np.int32)), mx.array(segments))
+    return padded, mask.sum(1)
+
+
+def collate_pairs(pairs: list[Pair]) -> PairBatch:
+    """The chosen rows and the rejected rows of a batch, each padded to its own longest row."""
+    chosen, n_chosen = _pad([p.chosen for p in pairs])
+    rejected, n_rejected = _pad([p.rejected for p in pairs])
+    lengths = np.concatenate([n_chosen, n_rejected]).astype(np.float32)
     ref = np.array([p.ref_chosen for p in pairs] + [p.ref_rejected for p in pairs], dtype=np.float32)
-    return PairBatch(mx.array(inputs), mx.array(targets), mx.array(idx.astype(np.int32)), mx.array(segments),
-                     mx.array(mask.sum(1).astype(np.float32)), mx.array(ref),
-                     sum(len(r.ids) - 1 for r in rows), len(idx))
+    n_tokens = sum(len(p.chosen.ids) + len(p.rejected.ids) - 2 for p in pairs)
+    return PairBatch(chosen, rejected, mx.array(lengths), mx.array(ref), n_tokens, int(lengths.sum()))
 
 
 def make_logps(model: nn.Module, family: str) -> Callable:
-    """fn(model, batch) -> (2B,) summed log-probs of each row's supervised tokens.
+    """fn(model, batch) -> (2B,) summed log-probs of each row's supervised tokens (chosen, then rejected).
 
     As in SFT, the lm-head runs only at supervised positions where the family allows it.
     """
@@ -167,7 +183,7 @@ def make_logps(model: nn.Module, family: str) -> Callable:
             return m.lm_head(h)
         return m.model.embed_tokens.as_linear(h)
 
-    def logps(m, b: PairBatch) -> mx.array:
+    def side(m, b: Padded) -> mx.array:
         if sparse:
             h = m.model(b.inputs)
             logits = head(m, h.reshape(-1, h.shape[-1])[b.idx])
@@ -176,6 +192,9 @@ def make_logps(model: nn.Module, family: str) -> Callable:
             logits = logits.reshape(-1, logits.shape[-1])[b.idx]
         token_logp = -nn.losses.cross_entropy(logits.astype(mx.float32), b.targets.reshape(-1)[b.idx])
         return b.segments @ token_logp
+
+    def logps(m, b: PairBatch) -> mx.array:
+        return mx.concatenate([side(m, b.chosen), side(m, b.rejected)])
 
     return logps
 
