@@ -197,7 +197,8 @@ def run_card(cfg: dict, run_root: Path) -> list[tuple[str, str]]:
         ("run folder", str(run_root)),
         ("recipe", recipe.get("name", "?")),
         ("method", f"{train.get('method', 'sft')}, {recipe.get('fine_tune_type', '?')}"
-                   + (f", rank {lora.get('rank')}, alpha {lora.get('alpha')}, {lora.get('num_layers')} layers" if lora else "")),
+                   + (f", rank {lora.get('rank')}, alpha {lora.get('alpha')}, {lora.get('num_layers')} layers"
+                      if lora and recipe.get("fine_tune_type") in ("lora", "dora") else "")),
         ("base model", f"{base.get('source', '?')} [{base.get('precision', '?')}]"),
         ("parameters", f"{_count(cfg.get('trainable_parameters'))} trainable of {_count(cfg.get('total_parameters'))}"),
         ("seed", fmt_num(train.get("seed"))),
@@ -267,6 +268,7 @@ def eval_tables(ev: dict | None) -> list[dict]:
         suites.append({
             "name": name, "description": suite.get("description", ""), "data": suite.get("data"), "n": suite.get("n"),
             "seconds": suite.get("seconds") or {}, "columns": columns, "rows": rows, "failures": failures,
+            "baseline": (suite.get("baseline") or {}).get("verdict"),  # "few-shot already meets the gates" or not
         })
     return suites
 

@@ -147,6 +147,10 @@ def _check_eval(data: dict, path: Path) -> None:
         for i, sc in enumerate(suite.get("scorers", [])):
             if not isinstance(sc, dict) or not isinstance(sc.get("name"), str) or not isinstance(sc.get("values"), dict):
                 raise MlxftError(f"{where}.scorers[{i}] needs a 'name' and a 'values' object (e.g. base, adapter)")
+            bad_values = [k for k, v in sc["values"].items() if v is not None and not isinstance(v, (int, float))]
+            if bad_values or (sc.get("delta") is not None and not isinstance(sc["delta"], (int, float))):
+                raise MlxftError(f"{where}.scorers[{i}]: values and delta must be numbers or null "
+                                 f"(not: {', '.join(bad_values) or 'delta'})")
             if sc.get("gate") is not None and not isinstance(sc["gate"], dict):
                 raise MlxftError(f"{where}.scorers[{i}].gate must be an object with 'rule' and 'passed', or null")
 

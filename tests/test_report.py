@@ -152,6 +152,9 @@ def test_a_minimal_eval_json_renders_and_a_malformed_one_is_named(tmp_path):
     (run / "eval.json").write_text(json.dumps({"suites": {"s": {"scorers": [{"name": "regex"}]}}}))
     res = CliRunner().invoke(main, ["report", str(run)])
     assert res.exit_code == 1 and "suites.s.scorers[0] needs a 'name' and a 'values' object" in res.output
+    (run / "eval.json").write_text(json.dumps({"suites": {"s": {"scorers": [{"name": "r", "values": {"base": "high"}}]}}}))
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 1 and "values and delta must be numbers or null (not: base)" in res.output
 
 
 def test_inline_diff_marks_missing_and_extra_words_and_escapes():
