@@ -33,8 +33,8 @@ from pathlib import Path
 import jinja2
 
 from mlxft.errors import ConfigError, DataError, ModelError
-from mlxft.formats import Problem, detect_row, load_dataset, normalise_row, read_records
-from mlxft.lint import validate_row
+from mlxft.formats import Problem, detect_row, normalise_row, read_records
+from mlxft.lint import near_key, validate_row
 from mlxft.runs import write_atomic
 from mlxft.synth_checks import Reject, RowChecks, RowFilter, SuiteFilter
 from mlxft.teacher import Reply, TeacherSampling
@@ -189,8 +189,12 @@ def _last_user(messages: list[dict]) -> int:
 # ---------------------------------------------------------------- replies -> rows
 
 
-def parse_reply(reply: Reply, seed: Seed, mode: str, system: str | None) -> dict:
-    """The training row a teacher reply makes, or Reject saying why it makes none."""
+def parse_reply(reply: Reply, seed: Seed, mode: str, system: str | None, asked: str = "") -> dict:
+    """The training row a teacher reply makes, or Reject saying why it makes none.
+
+    `asked` is the prompt the teacher got: a generated row that only copies it back (the
+    template's placeholders, or the seed example itself) teaches nothing new.
+    """
     if reply.truncated:
         raise Reject("truncated", "the teacher stopped at max_tokens, so the reply is probably cut off "
                      "(raise --max-tokens)")
@@ -206,7 +210,17 @@ def parse_reply(reply: Reply, seed: Seed, mode: str, system: str | None) -> dict
     errors, warnings = validate_row(row)
     if errors or warnings:
         raise Reject("schema", (errors or warnings)[0])
+    _check_echo(messages, mode, asked)
     return row
+
+
+def _check_echo(messages: list[dict], mode: str, asked: str) -> None:
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "").strip()
+    answer = messages[-1]["content"].strip()
+    if near_key({"text": answer}) == near_key({"text": user}):
+        raise Reject("echo", "the answer repeats the user message")
+    if mode == "generate" and user in asked and answer in asked:
+        raise Reject("echo", "the row only copies the teacher's prompt (its placeholders or the seed example)")
 
 
 def _row_from_json(text: str) -> list[dict]:
@@ -421,10 +435,10 @@ def _run_batch(batch, seeds, template, teacher, opts, checks, filters, judge, se
     if len(replies) != len(batch):
         raise ModelError(f"teacher {teacher.name} gave {len(replies)} replies for {len(batch)} prompts")
     outcome: dict[int, tuple[dict | None, Reject | None]] = {}
-    for a, seed, reply in zip(batch, chosen, replies):
+    for a, seed, reply, conv in zip(batch, chosen, replies, convs):
         row = None
         try:
-            row = parse_reply(reply, seed, opts.mode, opts.system)
+            row = parse_reply(reply, seed, opts.mode, opts.system, conv[-1]["content"])
             checks.check(row)  # cheap checks first: no filter or judge time on a duplicate
             outcome[a] = (row, None)
         except Reject as e:

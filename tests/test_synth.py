@@ -119,6 +119,22 @@ def test_every_reject_has_its_reason_and_kept_rows_are_clean_and_traceable(tmp_p
     assert report.ok and not [p for p in report.problems if p.code != "tokens"], [str(p) for p in report.problems]
 
 
+def test_rows_that_only_echo_the_prompt_are_rejected(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"messages": [{"role": "user", "content": "Fix the login crash"},
+                                              {"role": "assistant", "content": "fix"}]}) + "\n")
+    replies = iter(['{"user": "<the user message>", "assistant": "<the assistant reply>"}',  # the format line
+                    '{"user": "Fix the login crash", "assistant": "fix"}',  # the seed example itself
+                    '{"user": "Same words", "assistant": "same words."}',
+                    '{"user": "Fix the logout crash", "assistant": "fix"}'])
+    res = synthesize(SynthOptions(seeds, 1, tmp_path / "out"), FunctionTeacher(lambda c: next(replies)),
+                     progress=False, log=lambda *_: None)
+    assert res.kept == 1 and res.reasons == {"echo": 3}
+    why = [r["message"] for r in _jsonl(tmp_path / "out" / "rejects.jsonl")]
+    assert why == ["the row only copies the teacher's prompt (its placeholders or the seed example)"] * 2 + [
+        "the answer repeats the user message"]
+
+
 def test_a_rerun_continues_after_a_crash_with_no_duplicates(tmp_path, seeds):
     replies = [f'{{"user": "message {i}", "assistant": "fix"}}' for i in range(7)] + ["junk"]
     template = _write_template(tmp_path)
