@@ -48,6 +48,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
+    # Run the prompt prefix every row shares once per batch (mlxft/prefix.py); same loss up to fp rounding.
+    shared_prefix: bool = True
     max_seq_length: int = 512
     max_grad_norm: float | None = 1.0  # clip gradients; None disables
     weight_decay: float = 0.0

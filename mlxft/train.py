@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import platform
@@ -43,6 +44,7 @@ from mlxft.data import Encoded, encode_rows, load_splits
 from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
+from mlxft.prefix import SharedPrefixLoss, supports_shared_prefix
 from mlxft.runs import RunDir
 
 # Families whose Model is `lm_head(model(inputs))` (or tied embeddings) with nothing
@@ -151,20 +153,22 @@ def collate(rows: list[Encoded]):
     return mx.array(inputs), mx.array(targets), mx.array(idx), n_tokens, len(idx)
 
 
+def lm_head(model: nn.Module, h: mx.array) -> mx.array:
+    """Logits from final hidden states (the output projection, or the tied embeddings)."""
+    if getattr(model, "lm_head", None) is not None and not getattr(model.args, "tie_word_embeddings", False):
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
 def make_loss(model: nn.Module, family: str):
     """Mean cross-entropy over supervised positions; the head runs only at those positions."""
     sparse = family in _SPARSE_HEAD_FAMILIES and hasattr(model, "model")
-
-    def head(h):
-        if getattr(model, "lm_head", None) is not None and not getattr(model.args, "tie_word_embeddings", False):
-            return model.lm_head(h)
-        return model.model.embed_tokens.as_linear(h)
 
     def loss_fn(model, inputs, targets, idx):
         if sparse:
             h = model.model(inputs)
             h = h.reshape(-1, h.shape[-1])[idx]
-            logits = head(h)
+            logits = lm_head(model, h)
         else:
             logits = model(inputs)
             logits = logits.reshape(-1, logits.shape[-1])[idx]
@@ -174,15 +178,20 @@ def make_loss(model: nn.Module, family: str):
     return loss_fn
 
 
-def validation_loss(model, loss_fn, rows: list[Encoded], batch_size: int, max_batches: int) -> float:
-    """Token-weighted mean loss on a fixed subset of the validation split."""
+def validation_loss(model, loss_fn, rows: list[Encoded], batch_size: int, max_batches: int, shared=None) -> float:
+    """Token-weighted mean loss on a fixed subset of the validation split (shared: a SharedPrefixLoss)."""
     total, count = 0.0, 0
     n = len(rows) if max_batches < 0 else min(len(rows), batch_size * max_batches)
     for i in range(0, n, batch_size):
-        inputs, targets, idx, _, n_sup = collate(rows[i : i + batch_size])
+        batch = rows[i : i + batch_size]
+        prefix_len = shared.prefix_length(batch) if shared is not None else 0
+        if prefix_len:
+            loss, n_sup = shared.loss(model, batch, prefix_len)
+        else:
+            inputs, targets, idx, _, n_sup = collate(batch)
+            loss = loss_fn(model, inputs, targets, idx) if n_sup else None
         if n_sup == 0:
             continue
-        loss = loss_fn(model, inputs, targets, idx)
         mx.eval(loss)
         total += loss.item() * n_sup
         count += n_sup
@@ -304,6 +313,7 @@ class Session:
     log: Callable
     order: list[np.ndarray] = dataclasses.field(default_factory=list)  # batch_order of `order_epoch`
     order_epoch: int = -1
+    shared: SharedPrefixLoss | None = None  # the shared-prefix forward, where it applies (mlxft/prefix.py)
 
 
 def check_data(recipe: Recipe, data_dir: Path, log) -> None:
@@ -349,9 +359,13 @@ def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir,
     steps = total_steps(recipe, len(train_set))
     optimizer = optim.AdamW(learning_rate=build_schedule(recipe, steps), weight_decay=t.weight_decay)
     loss_fn = make_loss(model, recipe.model.family)
+    # Checkpointed blocks recompute inside mx.checkpoint, so prefix keys/values could not leave them.
+    shared = None
+    if t.shared_prefix and not t.grad_checkpoint and supports_shared_prefix(model, recipe.model.family):
+        shared = SharedPrefixLoss(model, lm_head)
     return Session(
         recipe, run, config, adapter_config(recipe, len(model.layers), base), model, optimizer,
-        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log,
+        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log, shared=shared,
     )
 
 
@@ -400,6 +414,7 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
     if recipe.train.method != "sft":  # DPO / ORPO: same pieces, a pair loss (mlxft/preference.py)
         from mlxft.preference import train_preference
 
+        dist.single_process_only("DPO/ORPO training")
         return train_preference(recipe, data_dir, runs_root, log)
     check_train_settings(recipe.train)
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
@@ -426,6 +441,7 @@ def resume(run_path: str | Path, log=print) -> TrainResult:
     if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
         from mlxft.preference import resume_preference
 
+        dist.single_process_only("DPO/ORPO training")
         return resume_preference(run_path, log)
     run, ckpt = RunDir(Path(root)), Path(ckpt)
     dist.remember_run(run.root)
@@ -582,8 +598,7 @@ def _train_step(s: Session, p: Progress) -> None:
         for _ in range(t.grad_accumulation):
             # With several ranks: this rank's slice of the global batch, weighted by its token share.
             rows, weight, n_tok, n_sup = dist.shard_batch(_next_batch(s, p))
-            inputs, targets, idx, _, _ = collate(rows)
-            loss, grads = s.loss_and_grad(s.model, inputs, targets, idx)
+            loss, grads = _loss_and_grad(s, rows)
             if weight != 1.0:
                 loss, grads = loss * weight, _tree_scale(grads, weight)
             grads_acc = grads if grads_acc is None else _tree_add(grads_acc, grads)
@@ -611,6 +626,16 @@ def _train_step(s: Session, p: Progress) -> None:
     p.last_loss = loss_value
     p.window_loss, p.window_n = p.window_loss + loss_value, p.window_n + 1
     p.since_val_loss, p.since_val_n = p.since_val_loss + loss_value, p.since_val_n + 1
+
+
+def _loss_and_grad(s: Session, rows: list[Encoded]):
+    """Loss and gradients of one micro-batch, through the shared-prefix forward where it pays."""
+    prefix_len = s.shared.prefix_length(rows) if s.shared is not None else 0
+    if prefix_len:
+        loss, grads, _, _ = s.shared.loss_and_grad(s.model, rows, prefix_len)
+        return loss, grads
+    inputs, targets, idx, _, _ = collate(rows)
+    return s.loss_and_grad(s.model, inputs, targets, idx)
 
 
 def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
@@ -653,7 +678,8 @@ def _after_step(s: Session, p: Progress, write) -> None:
 def _validate(s: Session, p: Progress, write) -> None:
     t = s.recipe.train
     s.model.eval()
-    p.val_loss = dist.validation_loss(validation_loss, s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
+    evaluate = functools.partial(validation_loss, shared=s.shared)
+    p.val_loss = dist.validation_loss(evaluate, s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
     s.model.train()
     s.run.log_metrics({"step": p.step, "val_loss": p.val_loss})
     write(f"step {p.step}: train loss {p.last_loss:.3f}, validation loss {p.val_loss:.3f}")

@@ -186,6 +186,7 @@ def poison_loss_at(monkeypatch, step: int):
         return poisoned
 
     monkeypatch.setattr(train_module, "make_loss", make_poisoned)
+    monkeypatch.setattr(train_module, "supports_shared_prefix", lambda *a: False)  # poison the plain forward
 
 
 def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(tiny_model, tiny_data, tmp_path, monkeypatch):

@@ -1,0 +1,215 @@
+"""Shared-prefix training forward: compute the prompt every row shares once, not B times.
+
+Every row of a chat fine-tune starts with the same tokens (the chat template's system turn and
+the user header; `mlxft data check` enforces one system prompt). On the commit-type data that is
+43 of ~70 tokens per row. So for a batch we
+
+- run the shared prefix through the model once (batch 1) and broadcast its keys/values to the
+  rows, which attend to them as if the prefix were in front of each row (RoPE offset P, a
+  causal mask shifted by P), so the numerics are those of the full rows up to fp rounding;
+- keep, for the frozen blocks below the first trainable one, the prefix's keys/values and its
+  hidden state at the first trainable block for the whole run: frozen weights never change, so
+  that part is computed once per distinct prefix, not once per step;
+- let gradients flow into the prefix through the trainable blocks (the rows' attention to the
+  prefix keys/values), summed over the batch by the broadcast's vjp.
+
+Only for families whose blocks take mlx-lm's `cache` protocol (offset + update_and_fetch) and
+have no sliding-window layers; everything else uses the plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+SHARED_PREFIX_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+
+# Below this many shared tokens the bookkeeping costs more than it saves.
+MIN_PREFIX = 8
+
+# Suffix lengths are padded to a multiple of this, so a compiled step sees few shapes.
+PAD_MULTIPLE = 8
+
+
+class _Capture:
+    """A one-shot 'cache' that records the prefix's (RoPE-rotated) keys and values."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _Prefixed:
+    """A 'cache' that puts the shared prefix's keys/values in front of every row's own."""
+
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        self.offset = keys.shape[2]
+
+    def update_and_fetch(self, keys, values):
+        shape = (keys.shape[0],) + self.keys.shape[1:]
+        return (
+            mx.concatenate([mx.broadcast_to(self.keys, shape), keys], axis=2),
+            mx.concatenate([mx.broadcast_to(self.values, shape), values], axis=2),
+        )
+
+
+def supports_shared_prefix(model: nn.Module, family: str) -> bool:
+    inner = getattr(model, "model", None)
+    if family not in SHARED_PREFIX_FAMILIES or inner is None:
+        return False
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")):
+        return False
+    return not any(getattr(layer, "use_sliding", False) for layer in inner.layers)
+
+
+def first_trainable_layer(model: nn.Module) -> int:
+    """Index of the first block with trainable parameters (blocks below it are frozen)."""
+    for i, layer in enumerate(model.model.layers):
+        if tree_flatten(layer.trainable_parameters()):
+            return i
+    return len(model.model.layers)
+
+
+def shared_prefix_length(rows) -> int:
+    """Longest common prefix of the rows' ids, ending before the first supervised input position."""
+    first = rows[0].ids
+    n = min(len(r.ids) for r in rows) - 1
+    for r in rows:
+        ids = np.asarray(r.ids[: n + 1])
+        diff = np.flatnonzero(ids[:n] != np.asarray(first[:n]))
+        n = min(n, int(diff[0]) if diff.size else n)
+        sup = np.flatnonzero(r.mask)
+        if sup.size:
+            n = min(n, int(sup[0]) - 1)  # the target at input position sup-1 is supervised
+    return max(n, 0)
+
+
+@dataclass
+class SharedBatch:
+    prefix: mx.array  # (1, P) token ids every row starts with
+    inputs: mx.array  # (B, S) the rest of each row's inputs, right-padded
+    targets: mx.array  # (B, S)
+    idx: mx.array  # flat supervised positions in (B, S)
+    n_tokens: int  # real (unpadded) tokens in the batch, prefix counted per row
+    n_supervised: int
+
+
+def collate_shared(rows, prefix_len: int) -> SharedBatch:
+    """Split rows into the shared prefix and right-padded suffixes (padded to PAD_MULTIPLE)."""
+    P = prefix_len
+    S = max(len(r.ids) for r in rows) - 1 - P
+    S = -(-S // PAD_MULTIPLE) * PAD_MULTIPLE
+    inputs = np.zeros((len(rows), S), dtype=np.int32)
+    targets = np.zeros((len(rows), S), dtype=np.int32)
+    mask = np.zeros((len(rows), S), dtype=bool)
+    for i, r in enumerate(rows):
+        n = len(r.ids) - 1 - P
+        inputs[i, :n] = r.ids[P:-1]
+        targets[i, :n] = r.ids[P + 1 :]
+        mask[i, :n] = r.mask[P + 1 :]
+    idx = np.flatnonzero(mask).astype(np.int32)
+    prefix = np.asarray(rows[0].ids[:P], dtype=np.int32)[None]
+    n_tokens = sum(len(r.ids) - 1 for r in rows)
+    return SharedBatch(mx.array(prefix), mx.array(inputs), mx.array(targets), mx.array(idx), n_tokens, len(idx))
+
+
+class FrozenPrefixCache:
+    """Per distinct prefix: keys/values of the frozen blocks and the hidden state entering the first trainable one."""
+
+    def __init__(self, model: nn.Module, max_entries: int = 8):
+        self.model = model
+        self.first = first_trainable_layer(model)
+        self.max_entries = max_entries
+        self._entries: dict[bytes, tuple[mx.array, list]] = {}
+
+    def get(self, prefix: mx.array) -> tuple[mx.array, list]:
+        key = np.asarray(prefix).tobytes()
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._compute(prefix)
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = entry
+        return entry
+
+    def _compute(self, prefix: mx.array):
+        inner = self.model.model
+        h = inner.embed_tokens(prefix)
+        kv = []
+        for layer in inner.layers[: self.first]:
+            cap = _Capture()
+            h = layer(h, "causal" if h.shape[1] > 1 else None, cache=cap)
+            kv.append((cap.keys, cap.values))
+        h = mx.stop_gradient(h)
+        kv = [(mx.stop_gradient(k), mx.stop_gradient(v)) for k, v in kv]
+        mx.eval(h, kv)
+        return h, kv
+
+
+def shared_hidden(model: nn.Module, first: int, prefix_h: mx.array, frozen_kv: list, inputs: mx.array) -> mx.array:
+    """Final-norm hidden states of the suffix rows (B, S, D), attending to the shared prefix."""
+    inner = model.model
+    P = prefix_h.shape[1]
+    S = inputs.shape[1]
+    # Row position i (absolute P+i) sees every prefix key and its own keys up to i.
+    mask = mx.arange(P + S)[None, :] <= (mx.arange(S) + P)[:, None]
+    h = inner.embed_tokens(inputs)
+    hp = prefix_h
+    for i, layer in enumerate(inner.layers):
+        if i < first:
+            keys, values = frozen_kv[i]
+        else:
+            cap = _Capture()
+            hp = layer(hp, "causal" if P > 1 else None, cache=cap)
+            keys, values = cap.keys, cap.values
+        h = layer(h, mask, cache=_Prefixed(keys, values))
+    return inner.norm(h)
+
+
+class SharedPrefixLoss:
+    """Loss (and gradients) of a batch through the shared-prefix forward.
+
+    `head(model, h)` maps final hidden states to logits; the loss is the mean cross-entropy over
+    the supervised positions, the same quantity as `train.make_loss` computes on full rows.
+    """
+
+    def __init__(self, model: nn.Module, head):
+        self.head = head
+        self.frozen = FrozenPrefixCache(model)
+        self._value_and_grad = nn.value_and_grad(model, self._loss)
+
+    def prefix_length(self, rows) -> int:
+        """The shared prefix to split off, or 0 where it is too short to pay."""
+        n = shared_prefix_length(rows)
+        return n if n >= MIN_PREFIX else 0
+
+    def _loss(self, model, prefix_h, frozen_kv, inputs, targets, idx):
+        h = shared_hidden(model, self.frozen.first, prefix_h, frozen_kv, inputs)
+        h = h.reshape(-1, h.shape[-1])[idx]
+        ce = nn.losses.cross_entropy(self.head(model, h).astype(mx.float32), targets.reshape(-1)[idx])
+        return ce.sum() / max(int(idx.size), 1)
+
+    def _args(self, rows, prefix_len):
+        b = collate_shared(rows, prefix_len)
+        prefix_h, frozen_kv = self.frozen.get(b.prefix)
+        return b, (prefix_h, frozen_kv, b.inputs, b.targets, b.idx)
+
+    def loss_and_grad(self, model, rows, prefix_len):
+        """(loss, grads, tokens, supervised tokens) of one batch."""
+        b, args = self._args(rows, prefix_len)
+        loss, grads = self._value_and_grad(model, *args)
+        return loss, grads, b.n_tokens, b.n_supervised
+
+    def loss(self, model, rows, prefix_len):
+        """(loss, supervised tokens) of one batch, no gradients (validation)."""
+        b, args = self._args(rows, prefix_len)
+        return self._loss(model, *args), b.n_supervised
