@@ -268,6 +268,7 @@ def eval_tables(ev: dict | None) -> list[dict]:
         suites.append({
             "name": name, "description": suite.get("description", ""), "data": suite.get("data"), "n": suite.get("n"),
             "seconds": suite.get("seconds") or {}, "columns": columns, "rows": rows, "failures": failures,
+            "passed": suite.get("passed") if isinstance(suite.get("passed"), bool) else None,
             "baseline": (suite.get("baseline") or {}).get("verdict"),  # "few-shot already meets the gates" or not
         })
     return suites

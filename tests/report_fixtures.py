@@ -81,6 +81,7 @@ def make_eval(passed: bool = True) -> dict:
                 "data": "datasets/commit-type/test.jsonl",
                 "n": 160,
                 "seconds": {"base": 51.2, "adapter": 50.8},
+                "passed": True,
                 "scorers": [
                     {"name": "exact_match", "higher_is_better": True, "unit": "fraction",
                      "values": {"base": 0.0, "adapter": 0.862, "base 3-shot": 0.31}, "delta": 0.862,
@@ -95,6 +96,7 @@ def make_eval(passed: bool = True) -> dict:
             },
             "regression": {
                 "description": "General ability: perplexity on held-out text",
+                "passed": passed,
                 "n": 40,
                 "scorers": [
                     {"name": "perplexity", "higher_is_better": False, "unit": "ppl",

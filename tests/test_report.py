@@ -117,6 +117,7 @@ def test_report_is_self_contained_with_card_curves_and_eval_tables(fake_run):
     assert "<script>alert(1)" not in text  # ... never as markup
     assert 'id="overfitting-warning"' in text and "validation loss rose from 2.100 (step 10) to 3.000 (step 40)" in text
     assert "FAILED" in text  # eval gates did not all pass
+    assert "gates pass</span></h3>" in text and "gate FAILED</span></h3>" in text  # per suite
 
 
 def test_overfitting_warning_is_computed_from_the_curves_without_the_event(tmp_path):
