@@ -269,21 +269,30 @@ def eval_tables(ev: dict | None) -> list[dict]:
             "name": name, "description": suite.get("description", ""), "data": suite.get("data"), "n": suite.get("n"),
             "seconds": suite.get("seconds") or {}, "columns": columns, "rows": rows, "failures": failures,
             "passed": suite.get("passed") if isinstance(suite.get("passed"), bool) else None,
+            "prompt": ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (suite.get("prompt") or {}).items()
+                                if not isinstance(v, (dict, list))),
             "baseline": (suite.get("baseline") or {}).get("verdict"),  # "few-shot already meets the gates" or not
         })
     return suites
 
 
 def _confusion(details: dict) -> list[dict]:
-    """Confusion matrices from a label scorer's details, one per model, as header + rows."""
+    """Confusion matrices from a label scorer's details, one per model, as header + rows.
+
+    details.confusion = {"labels": rows, "columns": predicted classes (may add "(other)"), "base": [[..]], ...}
+    """
     c = details.get("confusion")
     if not isinstance(c, dict) or not c.get("labels"):
         return []
+    labels = c["labels"]
+    columns = c.get("columns") or labels
     out = []
-    for model in [k for k in c if k != "labels"]:
-        matrix = c[model]
-        if isinstance(matrix, list) and len(matrix) == len(c["labels"]):
-            out.append({"model": model, "labels": c["labels"], "rows": list(zip(c["labels"], matrix))})
+    for model, matrix in c.items():
+        if model in ("labels", "columns"):
+            continue
+        if isinstance(matrix, list) and len(matrix) == len(labels) and all(
+                isinstance(row, list) and len(row) == len(columns) for row in matrix):
+            out.append({"model": model, "labels": columns, "rows": list(zip(labels, matrix))})
     return out
 
 

@@ -82,12 +82,13 @@ def make_eval(passed: bool = True) -> dict:
                 "n": 160,
                 "seconds": {"base": 51.2, "adapter": 50.8},
                 "passed": True,
+                "prompt": {"system": "default", "few_shot": 0, "max_tokens": 8},
                 "scorers": [
                     {"name": "exact_match", "higher_is_better": True, "unit": "fraction",
                      "values": {"base": 0.0, "adapter": 0.862, "base 3-shot": 0.31}, "delta": 0.862,
                      "gate": {"rule": "adapter >= 0.7", "passed": True},
-                     "details": {"confusion": {"labels": ["feat", "fix"], "base": [[0, 3], [1, 0]],
-                                               "adapter": [[3, 0], [0, 1]]}}},
+                     "details": {"confusion": {"labels": ["feat", "fix"], "columns": ["feat", "fix", "(other)"],
+                                               "base": [[0, 1, 2], [1, 0, 0]], "adapter": [[3, 0, 0], [0, 1, 0]]}}},
                 ],
                 "failures": [
                     {"prompt": "add <script>alert(1)</script> guard", "reference": "fix", "base": "This commit fixes",

@@ -111,12 +111,14 @@ def test_report_is_self_contained_with_card_curves_and_eval_tables(fake_run):
     assert evals[0]["headers"] == ["scorer", "base", "adapter", "base 3-shot", "delta", "gate", "result"]
     assert "86.2%" in evals[0]["text"] and "31.0%" in evals[0]["text"] and "+86.2 pts" in evals[0]["text"]
     assert "pass" in evals[0]["text"] and "FAIL" in evals[1]["text"] and "+1.50" in evals[1]["text"]
-    assert len([t for t in page.tables if t["class"] == "confusion"]) == 2
+    confusion = [t for t in page.tables if t["class"] == "confusion"]
+    assert len(confusion) == 2 and confusion[0]["headers"] == ["feat", "fix", "(other)", "feat", "fix"]
     failures = next(t for t in page.tables if t["class"] == "failures")["text"]
     assert "add <script>alert(1)</script> guard" in failures  # shown as text ...
     assert "<script>alert(1)" not in text  # ... never as markup
     assert 'id="overfitting-warning"' in text and "validation loss rose from 2.100 (step 10) to 3.000 (step 40)" in text
     assert "FAILED" in text  # eval gates did not all pass
+    assert "prompt: system default, few shot 0, max tokens 8" in text
     assert "gates pass</span></h3>" in text and "gate FAILED</span></h3>" in text  # per suite
 
 
