@@ -261,7 +261,7 @@ def eval_tables(ev: dict | None) -> list[dict]:
                 "confusion": _confusion(s.get("details") or {}),
             })
         failures = [
-            {**{k: str(f.get(k, "")) for k in ("prompt", "reference", "base", "adapter", "scorer")},
+            {**{k: _visible(str(f.get(k, ""))) for k in ("prompt", "reference", "base", "adapter", "scorer")},
              "adapter_diff": inline_diff(str(f.get("reference", "")), str(f.get("adapter", "")))}
             for f in (suite.get("failures") or []) if isinstance(f, dict)
         ]
@@ -274,6 +274,11 @@ def eval_tables(ev: dict | None) -> list[dict]:
             "baseline": (suite.get("baseline") or {}).get("verdict"),  # "few-shot already meets the gates" or not
         })
     return suites
+
+
+def _visible(text: str) -> str:
+    """Whitespace-only model output shown as a quoted string ("\n\n"), not as an empty-looking cell."""
+    return json.dumps(text) if text and not text.strip() else text
 
 
 def _confusion(details: dict) -> list[dict]:

@@ -148,10 +148,11 @@ def test_version_1_eval_json_still_gets_a_table(tmp_path):
 
 def test_a_minimal_eval_json_renders_and_a_malformed_one_is_named(tmp_path):
     minimal = {"suites": {"s": {"scorers": [{"name": "regex", "values": {"adapter": 0.5}}],
-                                "failures": [{"adapter": "x"}]}}}
+                                "failures": [{"adapter": "x", "base": "\n\n"}]}}}
     run = write_run(tmp_path, "r", metrics=make_metrics(), eval_json=minimal)
     table = next(t for t in parse(write_report(run)).tables if t["class"] == "eval-table")
     assert table["headers"] == ["scorer", "base", "adapter", "delta", "gate", "result"] and "0.500" in table["text"]
+    assert "&#34;\\n\\n&#34;" in (run / "report.html").read_text()  # whitespace-only output made visible
     (run / "eval.json").write_text(json.dumps({"suites": {"s": {"scorers": [{"name": "regex"}]}}}))
     res = CliRunner().invoke(main, ["report", str(run)])
     assert res.exit_code == 1 and "suites.s.scorers[0] needs a 'name' and a 'values' object" in res.output
