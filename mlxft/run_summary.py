@@ -163,24 +163,26 @@ def checkpoint_steps(run: RunDir) -> list[tuple[int, Path]]:
 
 
 def run_status(run: RunDir, config: dict, metrics: Metrics) -> str:
-    """finished | failed-resumable | failed | interrupted | running | incomplete.
+    """finished | running | interrupted | failed-resumable | diverged | failed.
 
-    "interrupted" means resumable (`mlxft train --resume RUN`): a checkpoint exists and the run
-    did not finish. A run killed without Ctrl-C (no "interrupted" event) whose metrics were written
-    in the last two minutes is taken to be still training.
+    interrupted: stopped with Ctrl-C (checkpointed; `mlxft train --resume RUN`).
+    failed-resumable: ended without a clean stop (killed, crashed, out of memory) after a checkpoint.
+    diverged: stopped by a non-finite loss; resuming would replay the same step, so start a new run.
+    failed: ended before its first checkpoint. A run without a clean stop whose metrics were
+    written in the last two minutes is taken to be still training.
     """
     if config.get("finished"):
         return "finished"
-    ckpts = checkpoint_steps(run)
-    diverged = [e for e in metrics.events if e.get("event") == "diverged"]
-    if diverged:
-        return "failed-resumable" if ckpts else "failed"
     last_event = metrics.events[-1] if metrics.events else None
-    stopped = last_event and last_event.get("event") == "interrupted" and all(
-        m["step"] <= last_event["step"] for m in metrics.train)  # Ctrl-C, and not resumed since
-    if not stopped and run.metrics.is_file() and time.time() - run.metrics.stat().st_mtime < 120:
+    kind = last_event.get("event") if last_event else None
+    if kind == "diverged":
+        return "diverged"
+    ckpts = checkpoint_steps(run)
+    if kind == "interrupted" and all(m["step"] <= last_event["step"] for m in metrics.train):
+        return "interrupted" if ckpts else "failed"
+    if run.metrics.is_file() and time.time() - run.metrics.stat().st_mtime < 120:
         return "running"
-    return "interrupted" if ckpts else "incomplete"
+    return "failed-resumable" if ckpts else "failed"
 
 
 # ---------------------------------------------------------------- key figures
@@ -364,7 +366,7 @@ def format_run_list(rows: list) -> str:
         steps = f"{r.steps_done if r.steps_done is not None else 0}/{r.steps_total or '?'}"
         best = f"{fmt_num(r.best_val_loss)}@{r.best_step}" if r.best_val_loss is not None else "-"
         status = r.status + (" (overfit)" if r.overfitting else "")
-        if r.steps_done is None and r.status in ("incomplete", "running"):
+        if r.steps_done is None and r.status in ("failed", "running"):
             status += " (no metrics yet)"
         table.append([
             r.name, r.recipe, (r.started or "-").replace("T", " ")[:16], steps, fmt_num(r.train_loss), fmt_num(r.val_loss),

@@ -24,15 +24,17 @@ def row_of(output: str, name: str) -> str:
 def test_runs_lists_key_figures_and_every_status(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "a-finished", config=make_config(name="alpha"), metrics=make_metrics(), eval_json=make_eval())
-    write_run(root, "b-interrupted", config=make_config(finished=False), metrics=make_metrics(steps=20, overfit=False), checkpoint_step=20)
+    ctrl_c = make_metrics(steps=20, overfit=False) + [{"step": 20, "event": "interrupted"}]
+    write_run(root, "b-interrupted", config=make_config(finished=False), metrics=ctrl_c, checkpoint_step=20)
+    write_run(root, "b2-ctrl-c-just-now", config=make_config(finished=False), metrics=ctrl_c, checkpoint_step=20,
+              age_seconds=0)
+    write_run(root, "c-killed", config=make_config(finished=False), metrics=make_metrics(steps=20, overfit=False),
+              checkpoint_step=20)
     diverged = make_metrics(steps=20, overfit=False) + [{"step": 23, "event": "diverged", "loss": "nan", "grad_norm": "nan"}]
-    write_run(root, "c-diverged", config=make_config(finished=False), metrics=diverged, checkpoint_step=20)
-    write_run(root, "d-diverged-early", config=make_config(finished=False),
-              metrics=[{"step": 3, "event": "diverged", "loss": "inf", "grad_norm": "inf"}])
-    write_run(root, "e-fresh", config=make_config(finished=False), metrics=None)
-    write_run(root, "f-training", config=make_config(finished=False), metrics=make_metrics(steps=10, overfit=False), age_seconds=0)
-    ctrl_c = make_metrics(steps=10, overfit=False) + [{"step": 10, "event": "interrupted"}]
-    write_run(root, "f2-ctrl-c-just-now", config=make_config(finished=False), metrics=ctrl_c, checkpoint_step=10,
+    write_run(root, "d-diverged", config=make_config(finished=False), metrics=diverged, checkpoint_step=20)
+    write_run(root, "e-killed-early", config=make_config(finished=False), metrics=make_metrics(steps=5, overfit=False))
+    write_run(root, "e2-no-metrics", config=make_config(finished=False), metrics=None)
+    write_run(root, "f-training", config=make_config(finished=False), metrics=make_metrics(steps=10, overfit=False),
               age_seconds=0)
     (root / "g-broken").mkdir()
     (root / "g-broken" / "config.json").write_text("{oops")
@@ -47,12 +49,13 @@ def test_runs_lists_key_figures_and_every_status(tmp_path):
     for expected in ("alpha", "2026-11-23 12:00", "40/40", "0.165", "3.000", "2.100@10", "240",
                      "commit-type exact_match 0.0% -> 86.2% (+86.2 pts)", "2/2 pass", "finished (overfit)"):
         assert expected in a, (expected, a)
-    assert row_of(res.output, "b-interrupted").endswith("interrupted")
-    assert row_of(res.output, "c-diverged").endswith("failed-resumable")
-    assert row_of(res.output, "d-diverged-early").endswith("failed")
-    assert row_of(res.output, "e-fresh").endswith("incomplete (no metrics yet)")
-    assert row_of(res.output, "f-training").endswith("running")
-    assert row_of(res.output, "f2-ctrl-c-just-now").endswith("interrupted")
+    assert row_of(res.output, "b-interrupted").endswith(" interrupted")
+    assert row_of(res.output, "b2-ctrl-c-just-now").endswith(" interrupted")  # Ctrl-C: not "running"
+    assert row_of(res.output, "c-killed").endswith(" failed-resumable")
+    assert row_of(res.output, "d-diverged").endswith(" diverged")
+    assert row_of(res.output, "e-killed-early").endswith(" failed")
+    assert row_of(res.output, "e2-no-metrics").endswith(" failed (no metrics yet)")
+    assert row_of(res.output, "f-training").endswith(" running")
     assert "unreadable" in row_of(res.output, "g-broken") and "config.json cannot be read as JSON" in res.output
     assert "not-a-run" not in res.output
 
