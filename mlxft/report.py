@@ -24,7 +24,7 @@ import mlxft
 from mlxft.errors import MlxftError
 from mlxft.run_summary import (
     Metrics, PREFERENCE_KEYS, fmt_delta, fmt_num, fmt_score, flatten, open_run, overfitting_spans, read_config,
-    read_eval, read_metrics, summarize,
+    read_eval, read_metrics, status_hint, summarize,
 )
 from mlxft.runs import write_atomic
 
@@ -322,6 +322,7 @@ def render_report(run_path: str | Path) -> str:
     logged_overfit = [e for e in metrics.events if e.get("event") == "overfitting"]
     return _environment().get_template(TEMPLATE).render(
         summary=summary,
+        status_hint=status_hint(summary.status, run.root),
         card=run_card(cfg, run.root),
         config_rows=[(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(cfg.get("recipe")).items()],
         plots=make_plots(metrics, overfit),

@@ -185,6 +185,17 @@ def run_status(run: RunDir, config: dict, metrics: Metrics) -> str:
     return "failed-resumable" if ckpts else "failed"
 
 
+def status_hint(status: str, run_root: Path) -> str:
+    """What to do about a run in this status, as one sentence (empty when nothing is needed)."""
+    return {
+        "running": "still training (metrics written in the last two minutes)",
+        "interrupted": f"stopped with Ctrl-C; continue with: mlxft train --resume {run_root}",
+        "failed-resumable": f"ended without a clean stop after a checkpoint; continue with: mlxft train --resume {run_root}",
+        "diverged": "stopped on a non-finite loss; start a new run with a lower learning rate",
+        "failed": "ended before its first checkpoint; start a new run",
+    }.get(status, "")
+
+
 # ---------------------------------------------------------------- key figures
 
 

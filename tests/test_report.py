@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from mlxft.cli import main
 from mlxft.errors import MlxftError
 from mlxft.report import inline_diff, write_report
-from report_fixtures import make_eval, make_metrics, write_run
+from report_fixtures import make_config, make_eval, make_metrics, write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -159,6 +159,13 @@ def test_a_minimal_eval_json_renders_and_a_malformed_one_is_named(tmp_path):
     (run / "eval.json").write_text(json.dumps({"suites": {"s": {"scorers": [{"name": "r", "values": {"base": "high"}}]}}}))
     res = CliRunner().invoke(main, ["report", str(run)])
     assert res.exit_code == 1 and "values and delta must be numbers or null (not: base)" in res.output
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path):
+    metrics = make_metrics(steps=20, overfit=False) + [{"step": 20, "event": "interrupted"}]
+    run = write_run(tmp_path, "r", config=make_config(finished=False), metrics=metrics, checkpoint_step=20)
+    page = write_report(run).read_text()
+    assert ">interrupted</span>" in page and f"continue with: mlxft train --resume {run}" in page
 
 
 def test_inline_diff_marks_missing_and_extra_words_and_escapes():
