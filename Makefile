@@ -91,3 +91,4 @@ clean:
 bench: setup
 	$(BIN)/python bench/data_bench.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/eval_bench.py  # eval: batched generation vs one prompt at a time (target >= 3x)
