@@ -92,3 +92,4 @@ bench: setup
 	$(BIN)/python bench/data_bench.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/eval_bench.py  # eval: batched generation vs one prompt at a time (target >= 3x)
+	$(BIN)/python bench/dist_bench.py  # data-parallel: 1 rank vs 2 ranks on loopback (mlx.launch)

@@ -239,6 +239,11 @@ def on_main(fn, *args):
 # ---------------------------------------------------------------- training hooks
 
 
+def single_process_only(what: str) -> None:
+    if size() > 1:
+        raise ConfigError(f"{what} runs in one process; data-parallel (--hosts, mlx.launch) covers SFT (LoRA, DoRA, full)")
+
+
 def check_batch_size(batch_size: int) -> None:
     if batch_size % size():
         raise ConfigError(
