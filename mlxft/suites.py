@@ -374,6 +374,8 @@ def few_shot_turns(few: FewShot | None, exclude: set[str]) -> list[dict]:
 
 def suite_examples(suite: Suite, run_system: str | None) -> list[Example]:
     """The suite's rows as Examples with the prompt built as the suite says."""
+    if suite.data is None:  # a suite of perplexity scorers with their own data
+        return []
     rows = read_rows(suite.data)
     if suite.limit:
         rows = rows[: suite.limit]

@@ -147,3 +147,13 @@ def test_shared_prefix_generation_matches_plain(tiny_model):
     shared = generate_batch(model, tokenizer, prompts, 6, share_prefix=True)
     plain = generate_batch(model, tokenizer, prompts, 6, share_prefix=False)
     assert shared == plain
+
+
+def test_perplexity_only_suite_on_a_plain_model(tiny_model, tmp_path):
+    text = tmp_path / "prose.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("alpha beta gamma", "the cat sat on the mat")))
+    suite = tmp_path / "p.yaml"
+    suite.write_text(f"scorers:\n  - {{name: prose, type: perplexity, data: {text}, gate: {{max_rise_pct: 5}}}}\n")
+    res = CliRunner().invoke(main, ["eval", str(tiny_model), "--suite", str(suite)])
+    assert res.exit_code == 0, res.output  # a relative gate with nothing to compare with is n/a, not a failure
+    assert "n/a" in res.output and "prose (lower is better)" in res.output
