@@ -571,7 +571,7 @@ def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
     s.run.log_metrics({"step": p.step, "event": "interrupted"})  # `mlxft runs`: resumable, not still running
     s.log(
         f"\ninterrupted at step {p.step} of {s.steps}: checkpoint saved in {s.run.checkpoint(p.step)}\n"
-        f"resume with: mlxft train --resume {s.run.root}"
+        f"resume with: mlxft train --resume {s.run.root}" + (" (and the same --hosts/--hostfile)" if dist.size() > 1 else "")
     )
     raise KeyboardInterrupt
 
