@@ -231,15 +231,16 @@ def _count(n) -> str:
 
 
 def eval_tables(ev: dict | None) -> list[dict]:
-    """Per suite: the columns (every key of every scorer's "values", base and adapter first) and one row per scorer."""
+    """Per suite: the columns (every key of every scorer's "values": base, extra setups, adapter) and a row per scorer."""
     if not ev:
         return []
     suites = []
     for name, suite in (ev.get("suites") or {}).items():
         scorers = suite.get("scorers") or []
-        columns = ["base", "adapter"]
+        extras = []  # e.g. "base 0-shot", "base 3-shot" from `mlxft baseline`: between base and adapter
         for s in scorers:
-            columns += [k for k in (s.get("values") or {}) if k not in columns]
+            extras += [k for k in (s.get("values") or {}) if k not in ("base", "adapter", *extras)]
+        columns = ["base", *extras, "adapter"]
         rows = []
         for s in scorers:
             unit = s.get("unit", "score")

@@ -108,7 +108,7 @@ def test_report_is_self_contained_with_card_curves_and_eval_tables(fake_run):
     # eval tables: every "values" entry is a column, then delta and gate
     evals = [t for t in page.tables if t["class"] == "eval-table"]
     assert len(evals) == 2
-    assert evals[0]["headers"] == ["scorer", "base", "adapter", "base 3-shot", "delta", "gate", "result"]
+    assert evals[0]["headers"] == ["scorer", "base", "base 3-shot", "adapter", "delta", "gate", "result"]
     assert "86.2%" in evals[0]["text"] and "31.0%" in evals[0]["text"] and "+86.2 pts" in evals[0]["text"]
     assert "pass" in evals[0]["text"] and "FAIL" in evals[1]["text"] and "+1.50" in evals[1]["text"]
     confusion = [t for t in page.tables if t["class"] == "confusion"]
