@@ -407,5 +407,29 @@ def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe,
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- mlxft baseline (prompting before training)
+
+
+@main.command()
+@click.argument("recipe", default="smollm2-135m")
+@click.option("--suite", required=True, metavar="NAME", help="Eval suite in evals/ (or a .yaml path).")
+@click.option("--shots", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Few-shot examples from the training split (0 = zero-shot only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which training examples are drawn.")
+@click.option("--run", "run", default=None, metavar="RUN", help="Score this run's base and record into RUN/eval.json.")
+@click.option("--model", default=None, help="Another base model than the recipe's.")
+@click.option("--runs-dir", default=None, help="Where runs (and runs/baselines/) live (default: $MLXFT_RUNS or ./runs).")
+@friendly
+def baseline(recipe, suite, shots, seed, run, model, runs_dir):
+    """Score RECIPE's base model zero-shot and few-shot on a suite: is fine-tuning needed at all?"""
+    from mlxft.baseline import format_baseline, resolve_target, run_baseline
+
+    target = resolve_target(recipe, run, model, runs_dir)
+    entry = run_baseline(target, suite, shots, seed, log=click.echo)
+    click.echo(format_baseline(entry))
+    click.echo(f"recorded in {target.baseline_path}" + (" and its eval.json" if target.run and
+                                                       target.run.eval_json.is_file() else ""))
+
+
 if __name__ == "__main__":
     main()

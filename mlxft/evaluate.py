@@ -341,6 +341,9 @@ def compare_run(target: str | Path, suites: list[str] | None = None, against: st
     }
     if run:
         result = _merge_previous(run.eval_json, result)
+        from mlxft.baseline import merge_for_run  # `mlxft baseline` columns: base 0-shot / K-shot beside base, adapter
+
+        merge_for_run(result, run, cfg)
     result["passed"] = all(s["passed"] for s in result["suites"].values())
     if run:
         write_atomic(run.eval_json, json.dumps(result, indent=2) + "\n")
@@ -426,6 +429,9 @@ def format_comparison(result: dict, max_failures: int = 3) -> str:
                 lines.append(f"    judge: {d['wins']} wins, {d['ties']} ties, {d['losses']} losses; "
                              f"picked A {100 * d['first_position_rate']:.0f}% of the time, "
                              f"consistent on {100 * d['consistency']:.0f}% of pairs")
+        from mlxft.baseline import format_eval_baseline
+
+        lines += format_eval_baseline(suite)
         for f in suite["failures"][:max_failures]:
             prompt = " ".join(f["prompt"].split())
             lines.append(f"  failure [{f['scorer']}] {prompt[:90]}{'...' if len(prompt) > 90 else ''}")

@@ -254,6 +254,40 @@ def test_bad_input_is_one_clear_message(tmp_path, seeds):
     assert "not an mlxft synth folder" in run(str(tmp_path / "o6"), *base, "--seeds", str(seeds))
 
 
+def _suite(tmp_path, data: Path) -> Path:
+    suite = tmp_path / "toy.yaml"
+    suite.write_text(f"""
+name: toy
+data: {data}
+scorers:
+  - {{name: labels, type: label_accuracy, labels: [alpha, beta, gamma]}}
+  - {{name: shape, type: json_schema, schema: {{type: object, required: [label], properties: {{label: {{enum: [a, b]}}}}}}}}
+  - {{name: exact, type: exact_match}}
+""")
+    return suite
+
+
+def test_eval_suite_scorers_filter_rows_and_refuse_what_needs_a_reference(tmp_path, tiny_data):
+    from mlxft.errors import ConfigError
+    from mlxft.synth_checks import SuiteFilter
+
+    suite = _suite(tmp_path, tiny_data / "test.jsonl")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]}
+            for a in ("Beta.", "beta gamma", '{"label": "a"}', '```json\n{"label": "c"}\n```')]
+    labels = SuiteFilter(f"{suite}:labels")
+    assert labels.name == "toy:labels" and labels.data == tiny_data / "test.jsonl"
+    verdicts = labels.reasons(rows)
+    assert verdicts[0] is None and "not one of the labels (alpha, beta, gamma)" in verdicts[1]
+    shape = SuiteFilter(f"{suite}:shape").reasons(rows)
+    assert shape[2] is None and "not JSON" in shape[0] and "label: 'c' is not one of ['a', 'b']" in shape[3]
+    with pytest.raises(ConfigError, match="needs a reference answer"):
+        SuiteFilter(f"{suite}:exact")
+    with pytest.raises(ConfigError, match="has no scorer 'nope'; its scorers: labels, shape, exact"):
+        SuiteFilter(f"{suite}:nope")
+    with pytest.raises(ConfigError, match="SUITE:SCORER"):
+        SuiteFilter("labels")
+
+
 # ---------------------------------------------------------------- real teachers: a tiny MLX run, the same behind HTTP
 
 
@@ -311,18 +345,19 @@ def test_cli_synth_with_a_run_as_teacher(trained_run, tiny_data, tmp_path):
     seeds = _answer_seeds(tiny_data, tmp_path / "seeds.jsonl")
     args = ["synth", str(tmp_path / "out"), "--teacher", str(trained_run), "--seeds", str(seeds), "--n", "3",
             "--mode", "answer", "--temp", "0", "--max-tokens", "8", "--against", str(tiny_data / "valid.jsonl"),
-            "--against", str(tiny_data / "test.jsonl")]
+            "--filter", f"{_suite(tmp_path, tiny_data / 'test.jsonl')}:labels"]
     r = CliRunner().invoke(main, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "3 rows in" in r.output
     assert len(_jsonl(tmp_path / "out" / "synth.jsonl")) == 3
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["against_rows"] == 16 + 12
+    assert manifest["against_rows"] == 16 + 12  # valid, and the suite's own test data added by --filter
     assert manifest["settings"]["template"] == "packaged synth_answer.j2"
+    assert manifest["settings"]["filters"] == ["toy:labels"]
 
     folder = ["--against", str(tiny_data)]  # a folder: its valid and test splits (train rows are no leakage)
     r = CliRunner().invoke(main, [*args[:-4], *folder, "--n", "2", "--max-attempts", "3"], catch_exceptions=False)
-    assert r.exit_code == 1 and "other settings (against differ)" in r.output, r.output
+    assert r.exit_code == 1 and "other settings (against, filters differ)" in r.output, r.output
 
 
 def test_packaged_templates_are_installed():
