@@ -105,7 +105,15 @@ def _install_rank_handlers(group) -> None:
     _WATCHDOG.start(float(os.environ.get("MLXFT_DIST_TIMEOUT") or DEFAULT_TIMEOUT_S))
 
 
+def _stopping() -> None:
+    """This rank is failing with a message: a further SIGTERM from the launcher must not interrupt
+    printing it or the exit (the process ends on its own right after)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _on_sigterm(signum, frame):
+    _stopping()
     raise RankLost(f"rank {rank()}: stopped by the launcher (another rank exited or the job was stopped); {_resume_hint()}")
 
 
@@ -174,6 +182,7 @@ def _wait(what: str, *arrays) -> None:
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
+            _stopping()
             raise RankLost(
                 f"rank {rank()}: lost the connection to another rank during {what} ({e}); "
                 f"it probably exited (see its message above). {_resume_hint()}"

@@ -219,11 +219,22 @@ def test_a_killed_rank_stops_the_other_with_a_message_and_the_run_resumes_identi
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("rank 0 hung after rank 1 died")
-    assert proc.returncode != 0, out
+    assert proc.returncode == 1, out
     assert "mlxft: error: rank 0:" in out and "Traceback" not in out, out[-3000:]
     assert f"resume with: mlxft train --resume {run.root}" in out
     last = list_checkpoints(run)[-1]
     assert 2 * SAVE_EVERY <= int(last.name.split("-")[1]) < ITERS
+
+    # Resume on 2 ranks, then Ctrl-C it as a terminal does (SIGINT to the whole process group):
+    # every rank stops at the same step, rank 0 checkpoints and prints the resume command.
+    proc = subprocess.Popen(hosts_cmd(["train", "--resume", str(run.root)]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
+    wait_for_checkpoint(proc, tmp_path, int(last.name.split("-")[1]) + 2 * SAVE_EVERY)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted at step" in out and f"mlxft train --resume {run.root}" in out and "Traceback" not in out
+    assert int(list_checkpoints(run)[-1].name.split("-")[1]) < ITERS
 
     done = subprocess.run(hosts_cmd(["train", "--resume", str(run.root)]), capture_output=True, text=True,
                           timeout=300, env=env())
@@ -232,6 +243,32 @@ def test_a_killed_rank_stops_the_other_with_a_message_and_the_run_resumes_identi
     for k in a:
         assert mx.array_equal(a[k], b[k]).item(), f"{k} differs from the straight 2-rank run"
     assert metrics(run.root) == metrics(two_ranks)
+
+
+RNG_SCRIPT = """
+from mlxft import distributed as dist
+import mlx.core as mx
+dist.init()
+mx.random.seed(7)
+for step in range(3):
+    with dist.rank_rng():
+        inside = mx.random.randint(0, 1 << 30, (4,)).astype(mx.uint32)  # as dropout draws
+    after = mx.random.state[0]
+    seen = mx.distributed.all_gather(mx.concatenate([inside, after]).reshape(1, -1))
+    a, b = seen.tolist()
+    assert a[:4] != b[:4], "ranks drew the same dropout bits"
+    assert a[4:] == b[4:], "ranks left the step with different keys"
+print("rng ok", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_draw_their_own_dropout_but_share_the_key_between_steps(tmp_path):
+    script = tmp_path / "rng.py"
+    script.write_text(RNG_SCRIPT)
+    out = subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", f"--starting-port={free_port_pair()}", "--",
+                          sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "rng ok" in out.stdout and "Error" not in out.stderr, out.stderr[-2000:]
 
 
 HANG_SCRIPT = """
