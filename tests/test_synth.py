@@ -355,9 +355,26 @@ def test_cli_synth_with_a_run_as_teacher(trained_run, tiny_data, tmp_path):
     assert manifest["settings"]["template"] == "packaged synth_answer.j2"
     assert manifest["settings"]["filters"] == ["toy:labels"]
 
+    # the same run as judge (loaded once): it answers labels, not 1-10 scores, so every row is rejected as unjudged
+    r = CliRunner().invoke(main, [args[0], str(tmp_path / "judged"), *args[2:], "--judge", str(trained_run),
+                                  "--max-attempts", "2"], catch_exceptions=False)
+    assert r.exit_code == 1 and "0 of 3 rows (rejected: judge 2)" in r.output, r.output
+
     folder = ["--against", str(tiny_data)]  # a folder: its valid and test splits (train rows are no leakage)
     r = CliRunner().invoke(main, [*args[:-4], *folder, "--n", "2", "--max-attempts", "3"], catch_exceptions=False)
     assert r.exit_code == 1 and "other settings (against, filters differ)" in r.output, r.output
+
+
+def test_recipe_gives_the_system_prompt_and_its_eval_splits(tmp_path, tiny_model, tiny_data, seeds):
+    from mlxft.synth import _with_recipe
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"name: tiny\nmodel: {{source: '{tiny_model}', family: llama}}\n"
+                      f"data: {{path: '{tiny_data}', system_prompt: '{SYSTEM}'}}\n")
+    opts = _with_recipe(SynthOptions(seeds, 1, tmp_path / "out"), str(recipe))
+    assert opts.system == SYSTEM and opts.against == (tiny_data / "valid.jsonl", tiny_data / "test.jsonl")
+    opts = _with_recipe(SynthOptions(seeds, 1, tmp_path / "out", system="Mine."), str(recipe))
+    assert opts.system == "Mine."  # an explicit --system wins
 
 
 def test_packaged_templates_are_installed():
