@@ -305,7 +305,8 @@ class SynthOutput:
         """Lock OUT, check it was made with the same settings, and return (kept rows, rejects) so far."""
         if self.root.exists() and not self.root.is_dir():
             raise DataError(f"{self.root} is a file; synth writes a folder")
-        if self.root.is_dir() and any(self.root.iterdir()) and not self.manifest_path.is_file():
+        visible = self.root.is_dir() and any(not p.name.startswith(".") for p in self.root.iterdir())
+        if visible and not self.manifest_path.is_file():
             raise DataError(f"{self.root} is not empty and has no {MANIFEST}: not an mlxft synth folder; pick a new OUT")
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.root / ".lock", "w")
@@ -408,8 +409,9 @@ def synthesize(opts: SynthOptions, teacher, filters: list[RowFilter] = (), judge
                 bar.set_postfix(rejected=sum(reasons.values()))
                 out.write_manifest(_manifest(opts, settings, len(seeds), checks, kept, reasons, attempt, limit,
                                              started))
-        finally:
+        finally:  # also on Ctrl-C or a teacher error: the manifest counts what the files hold
             bar.close()
+            out.write_manifest(_manifest(opts, settings, len(seeds), checks, kept, reasons, attempt, limit, started))
         if kept < opts.n:
             top = ", ".join(f"{why} {n}" for why, n in reasons.most_common(4))
             log(f"stopped after {attempt} attempts with {kept} of {opts.n} rows (rejected: {top or 'none'}); "

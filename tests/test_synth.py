@@ -146,6 +146,7 @@ def test_a_rerun_continues_after_a_crash_with_no_duplicates(tmp_path, seeds):
     with pytest.raises(KeyboardInterrupt):
         synthesize(SynthOptions(seeds, 6, out, template=template), scripted(replies, 2, crash_at=4), **quiet)
     assert len(_jsonl(out / "synth.jsonl")) == 4
+    assert json.loads((out / "manifest.json").read_text())["kept"] == 4  # written on the way out, too
     with open(out / "synth.jsonl", "ab") as f:
         f.write(b'{"messages": [{"role": "us')  # killed in the middle of an append
     calls: list[int] = []
