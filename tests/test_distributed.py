@@ -271,6 +271,42 @@ def test_ranks_draw_their_own_dropout_but_share_the_key_between_steps(tmp_path):
     assert "rng ok" in out.stdout and "Error" not in out.stderr, out.stderr[-2000:]
 
 
+SAME_START_SCRIPT = """
+import sys
+from mlxft import distributed as dist
+from mlxft.errors import ConfigError
+import mlx.core as mx
+import mlx.nn as nn
+dist.init()
+mx.random.seed(dist.rank())  # different start weights on purpose
+model = nn.Linear(4, 3)
+config = {"data": {"sha256": {"train": "aa", "valid": "bb"}, "rows": {"train": 8, "valid": 2}},
+          "base_model": {"source": "m", "precision": "float32"}, "total_parameters": 15,
+          "trainable_parameters": 15, "versions": {"mlx": "1", "mlx-lm": "2", "mlxft": "3", "python": str(dist.rank())}}
+dist.check_same_start(config, model)
+w = mx.distributed.all_gather(model.weight.reshape(1, -1))
+assert mx.array_equal(w[0], w[1]).item(), "start weights differ"
+print("same start ok", flush=True)
+if dist.rank() == 1:
+    config["data"]["sha256"]["train"] = "cc"
+try:
+    dist.check_same_start(config, model)
+except ConfigError as e:
+    print(f"rank {dist.rank()} refused: {e}", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_start_from_rank_0s_weights_and_refuse_different_data(tmp_path):
+    script = tmp_path / "same.py"
+    script.write_text(SAME_START_SCRIPT)
+    out = subprocess.run([str(LAUNCH), "--backend", "ring", "-n", "2", f"--starting-port={free_port_pair()}", "--",
+                          sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "same start ok" in out.stdout, out.stderr[-2000:]
+    assert "rank 1 refused: rank 1 differs from rank 0 in: data sha256" in out.stderr, out.stderr[-2000:]
+    assert "rank 0 refused: another rank's data" in out.stderr  # both stop; neither waits for the other
+
+
 HANG_SCRIPT = """
 import os, signal, sys, time
 from mlxft import distributed as dist
