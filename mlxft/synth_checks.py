@@ -106,6 +106,10 @@ class SuiteFilter:
                               f"{', '.join(s.name for s in suite.scorers)}")
         self.scorer, self.name, self.data = found.scorer, f"{suite.name}:{scorer_name}", suite.data
         self.labels = getattr(self.scorer, "labels", None) if self.scorer.type == "label_accuracy" else None
+        if getattr(self.scorer, "field", None):  # contains_*: phrases read from each eval row's own key
+            raise ConfigError(f"{self.name} ({self.scorer.type}) takes its phrases from each eval row's "
+                              f"'{self.scorer.field}', which a generated row does not have; use a scorer with fixed "
+                              "phrases, a label set, a regex or a JSON Schema")
         if self.scorer.kind != "text" or (self.scorer.needs_reference() and self.labels is None):
             raise ConfigError(f"{self.name} ({self.scorer.type}) needs a reference answer or a model, which a "
                               "generated row does not have; filter with a scorer that checks the answer alone "

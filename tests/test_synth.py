@@ -264,6 +264,7 @@ scorers:
   - {{name: labels, type: label_accuracy, labels: [alpha, beta, gamma]}}
   - {{name: shape, type: json_schema, schema: {{type: object, required: [label], properties: {{label: {{enum: [a, b]}}}}}}}}
   - {{name: exact, type: exact_match}}
+  - {{name: keywords, type: contains_any, field: keywords}}
 """)
     return suite
 
@@ -283,7 +284,9 @@ def test_eval_suite_scorers_filter_rows_and_refuse_what_needs_a_reference(tmp_pa
     assert shape[2] is None and "not JSON" in shape[0] and "label: 'c' is not one of ['a', 'b']" in shape[3]
     with pytest.raises(ConfigError, match="needs a reference answer"):
         SuiteFilter(f"{suite}:exact")
-    with pytest.raises(ConfigError, match="has no scorer 'nope'; its scorers: labels, shape, exact"):
+    with pytest.raises(ConfigError, match="takes its phrases from each eval row's 'keywords'"):
+        SuiteFilter(f"{suite}:keywords")
+    with pytest.raises(ConfigError, match="has no scorer 'nope'; its scorers: labels, shape, exact, keywords"):
         SuiteFilter(f"{suite}:nope")
     with pytest.raises(ConfigError, match="SUITE:SCORER"):
         SuiteFilter("labels")
