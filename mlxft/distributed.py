@@ -92,17 +92,29 @@ def is_main() -> bool:
 
 
 def _install_rank_handlers(group) -> None:
+    timeout = _timeout()
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")  # progress and logs come from rank 0 only
         os.environ["TQDM_DISABLE"] = "1"
-    else:
+    elif hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # mlx.launch relays a pipe: show lines as they come
     if threading.current_thread() is threading.main_thread():
         # mlxft's launcher starts mlx.launch with Ctrl-C ignored (so it keeps relaying output);
         # the ranks take it back: the training loop checkpoints on Ctrl-C.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _on_sigterm)
-    _WATCHDOG.start(float(os.environ.get("MLXFT_DIST_TIMEOUT") or DEFAULT_TIMEOUT_S))
+    _WATCHDOG.start(timeout)
+
+
+def _timeout() -> float:
+    value = os.environ.get("MLXFT_DIST_TIMEOUT") or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"MLXFT_DIST_TIMEOUT={value!r}: expected a positive number of seconds")
+    return seconds
 
 
 def _stopping() -> None:
@@ -114,7 +126,9 @@ def _stopping() -> None:
 
 def _on_sigterm(signum, frame):
     _stopping()
-    raise RankLost(f"rank {rank()}: stopped by the launcher (another rank exited or the job was stopped); {_resume_hint()}")
+    raise RankLost(
+        f"rank {rank()}: stopped by the launcher (another rank exited or the job was stopped); {_resume_hint()}"
+    )
 
 
 def _resume_hint() -> str:
@@ -123,9 +137,12 @@ def _resume_hint() -> str:
 
     if _run_root is None:
         return "no run folder was created yet"
-    ckpt = latest_checkpoint(RunDir(_run_root)) if is_main() else None
-    where = f"the last checkpoint is {ckpt}" if ckpt else f"checkpoints are in rank 0's {_run_root}/checkpoints"
-    return f"{where}; resume with: mlxft train --resume {_run_root} (and the same --hosts/--hostfile)"
+    if not is_main():
+        return f"checkpoints are in rank 0's {_run_root}/checkpoints"
+    ckpt = latest_checkpoint(RunDir(_run_root))
+    if ckpt is None:
+        return f"no checkpoint was written yet in {_run_root}: start the run again"
+    return f"the last checkpoint is {ckpt}; resume with: mlxft train --resume {_run_root} (and the same --hosts/--hostfile)"
 
 
 # ---------------------------------------------------------------- collectives
@@ -368,11 +385,14 @@ def check_same_start(config: dict, model) -> None:
     differ = [k for k in mine if json.dumps(mine[k], sort_keys=True) != json.dumps(reference[k], sort_keys=True)]
     if any_rank(bool(differ)):
         if differ:
+            found = "; ".join(f"{k} ({mine[k]} here, {reference[k]} on rank 0)" for k in differ)
             raise ConfigError(
-                f"rank {rank()} differs from rank 0 in: " + "; ".join(f"{k} ({mine[k]} here, {reference[k]} on rank 0)" for k in differ)
-                + ". Every machine needs the same data, base model and mlxft/mlx versions at the same paths"
+                f"rank {rank()} differs from rank 0 in: {found}. "
+                "Every machine needs the same data, base model and mlxft/mlx versions at the same paths"
             )
-        raise ConfigError("another rank's data, base model or versions differ from rank 0's (see its message); nothing trained")
+        raise ConfigError(
+            "another rank's data, base model or versions differ from rank 0's (see its message); nothing trained"
+        )
     model.load_weights(_broadcast_arrays(tree_flatten(model.trainable_parameters()) if is_main() else None), strict=False)
 
 
