@@ -73,8 +73,12 @@ def resolve_target(recipe: str | None, run: str | None = None, model: str | None
         r = cfg["recipe"]
         if model and model != r["model"]["source"]:
             raise MlxftError(f"--model {model} differs from the base of run {run} ({r['model']['source']})")
+        data = (cfg.get("data") or {}).get("path")
+        if not data:
+            raise MlxftError(f"run {run} records no data path, so there is no training split to draw few-shot "
+                             "examples from; give the recipe instead of --run")
         return Target(r.get("name", "run"), r["model"]["source"], r.get("quantize"), cfg.get("system_prompt"),
-                      Path(cfg["data"]["path"]) / "train.jsonl", rd, cfg)
+                      Path(data) / "train.jsonl", rd, cfg)
     from mlxft.recipes import load_recipe
 
     rec = load_recipe(recipe, overrides=(f"model.source={model}",) if model else ())

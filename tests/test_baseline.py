@@ -191,3 +191,12 @@ def test_smollm2_commit_type_zero_and_three_shot(tmp_path):
     assert verdict(entry).endswith("fine-tune")
     assert entry["few_shot_data"].endswith("datasets/commit-type/train.jsonl")
     assert (tmp_path / "runs" / "baselines" / "smollm2-135m.json").is_file()
+
+
+def test_a_run_without_a_data_path_is_one_clear_message(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    (run / "adapters").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"recipe": {"name": "x", "model": {"source": str(tiny_model)}},
+                                                 "data": {"path": None}}))
+    r = CliRunner().invoke(main, ["baseline", "--run", str(run), "--suite", "commit-type"], catch_exceptions=False)
+    assert r.exit_code == 1 and "records no data path" in r.output and "Traceback" not in r.output
