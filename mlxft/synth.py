@@ -353,11 +353,14 @@ def _read_log(path: Path) -> list[dict]:
             f.truncate(cut)
         data = data[:cut]
     out = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{lineno}: not JSON; this file is written by mlxft synth (was it edited?)") from None
+            record = json.loads(line)
+            _attempt(record)  # every record names its attempt: that is what a rerun continues from
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{lineno}: not a record mlxft synth wrote (no JSON with its attempt); "
+                            "was the file edited? Restore it or write to a new OUT") from None
+        out.append(record)
     return out
 
 

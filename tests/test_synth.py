@@ -167,6 +167,10 @@ def test_a_rerun_continues_after_a_crash_with_no_duplicates(tmp_path, seeds):
 
     with pytest.raises(DataError, match="other settings.*template_sha256"):
         synthesize(SynthOptions(seeds, 8, out), scripted(replies), **quiet)
+    rows[0].pop("metadata")  # hand-edited: the record no longer says which attempt it was
+    (out / "synth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="synth.jsonl:1: not a record mlxft synth wrote"):
+        synthesize(SynthOptions(seeds, 8, out, template=template), scripted(replies), **quiet)
 
 
 def test_attempts_run_out_with_a_clear_count(tmp_path, seeds):
