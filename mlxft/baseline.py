@@ -49,6 +49,7 @@ class Target:
     run: RunDir | None = None
     config: dict | None = None  # the run's config.json when a run is given
     runs_dir: Path | None = None  # where run folders go (default $MLXFT_RUNS or ./runs)
+    eval: object = None  # the recipe's EvalConfig: the thresholds gates like eval.max_refusal_drop_points name
 
     @property
     def baseline_path(self) -> Path:
@@ -83,7 +84,8 @@ def resolve_target(recipe: str | None, run: str | None = None, model: str | None
 
     rec = load_recipe(recipe, overrides=(f"model.source={model}",) if model else ())
     return Target(rec.name, rec.model.source, rec.quantize, rec.data.system_prompt,
-                  resolve_data_dir(rec.data.path) / "train.jsonl", runs_dir=Path(runs_dir) if runs_dir else None)
+                  resolve_data_dir(rec.data.path) / "train.jsonl", runs_dir=Path(runs_dir) if runs_dir else None,
+                  eval=rec.eval)
 
 
 def prompting_setups(suite, train: Path, shots: int, seed: int = 0, system_prompt: str | None = None) -> dict[str, list]:
@@ -167,12 +169,7 @@ def _eval_config(target: Target):
     if target.config is not None:
         raw = target.config.get("recipe", {}).get("eval") or {}
         return EvalConfig(**{k: v for k, v in raw.items() if k in EvalConfig.__dataclass_fields__})
-    from mlxft.recipes import load_recipe
-
-    try:
-        return load_recipe(target.recipe).eval
-    except MlxftError:
-        return EvalConfig()
+    return target.eval or EvalConfig()
 
 
 def score_setups(suite, setups: dict[str, list], sides: dict, eval_config) -> dict:
