@@ -93,3 +93,4 @@ bench: setup
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/eval_bench.py  # eval: batched generation vs one prompt at a time (target >= 3x)
 	$(BIN)/python bench/dist_bench.py  # data-parallel: 1 rank vs 2 ranks on loopback (mlx.launch)
+	$(BIN)/python bench/train_bench.py  # training: mlxft train vs stock mlx_lm.lora, alternating (target >= 2x supervised tokens/s)

@@ -1,0 +1,255 @@
+"""Training speed: `mlxft train` vs stock `mlx_lm.lora`, alternating, same base, data, LoRA and BLAS.
+
+Run: make bench   (or: .venv/bin/python bench/train_bench.py [--iters N] [--rounds R])
+
+Same base (the bundled SmolLM2-135M, dequantized to fp32, as an mlx-lm folder both load), same
+data (datasets/commit-type), LoRA rank/scale/targets/layers, batch size, max length, learning
+rate and iterations, same BLAS (mlx_lm.lora runs through `python -c "import mlxft; ..."`, so
+OpenBLAS is preloaded exactly as for mlxft). The tools alternate, each in its own subprocess of
+this one, `--rounds` times; the first reporting window of each run (warm-up, compilation) is
+dropped. Throughput is reported as measured and as ratios within a round, because the machine
+is shared. Supervised tokens are counted with one definition for both tools: the answer's tokens
+and its end-of-turn token (mlx-lm's own count adds the newline after it and one padding target
+per row; it is reported too). Results go to bench/results.json with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "smollm2-135m"
+WINDOW = 5  # steps per reporting window
+
+# mlx_lm.lora with a counting wrapper around its batch iterator: the compute is stock; we only
+# record each training batch's real tokens, mlx-lm's supervised count and ours (answer + <|im_end|>).
+MLX_LM_WRAPPER = r"""
+import json, sys, time, functools
+import mlxft  # OpenBLAS before mlx, as for mlxft
+import numpy as np
+import mlx.core as mx
+from mlx_lm import lora
+from mlx_lm.tuner import trainer
+records = []
+eot = int(sys.argv.pop(1)); out = sys.argv.pop(1)
+def counting(*a, **k):
+    for batch, lengths in trainer.iterate_batches(*a, **k):
+        if k.get("loop"):
+            b, L = np.array(batch), np.array(lengths)
+            ours = 0
+            for row, (off, n) in zip(b, L):
+                comp = list(row[off:n])
+                ours += comp.index(eot) + 1 if eot in comp else len(comp)
+            # the trainer asks for batch k+1 right after step k's mx.eval: yield times time the steps
+            records.append([time.perf_counter(), mx.get_peak_memory(), int(L[:, 1].sum()),
+                            int((L[:, 1] - L[:, 0] + 1).sum()), int(ours)])
+        yield batch, lengths
+lora.train = functools.partial(trainer.train, iterate_batches=counting)
+try:
+    lora.main()
+finally:
+    open(out, "w").write(json.dumps(records))
+"""
+
+
+def base_folder() -> Path:
+    from mlxft.models import resolve_model
+
+    return resolve_model("builtin:smollm2-135m-instruct", dequantize="fp32")
+
+
+def machine() -> dict:
+    from mlxft.doctor import chip, memory_bytes
+    from mlxft import _blas
+    import importlib.metadata as md
+
+    return {
+        "platform": platform.platform(), "chip": chip(), "cpu_count": os.cpu_count(),
+        "memory_gb": round(memory_bytes()[0] / 2**30, 1), "device": str(mx.default_device()),
+        "blas": _blas.loaded_path, "mlx": md.version("mlx"), "mlx_lm": md.version("mlx-lm"),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run_mlxft(base: Path, iters: int, work: Path, extra: list[str]) -> dict:
+    runs = work / f"mlxft-{time.time_ns()}"
+    cmd = [str(Path(sys.executable).parent / "mlxft"), "train", RECIPE, "--model", str(base), "--runs-dir", str(runs),
+           "--set", f"train.iters={iters}", "--set", f"train.report_every={WINDOW}", "--set", "train.val_every=100000",
+           "--set", "train.val_batches=1", "--set", "train.save_every=0", "--set", "train.warmup_steps=0"]
+    for e in extra:
+        cmd += ["--set", e]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (metrics,) = runs.glob("*/metrics.jsonl")
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    w = [m for m in lines if "tokens" in m]
+    first, last = w[0], w[-1]  # drop the first window (warm-up)
+    sec = last["elapsed_sec"] - first["elapsed_sec"]
+    return {
+        "steps_timed": last["step"] - first["step"], "seconds": sec,
+        "tokens_per_sec": (last["tokens"] - first["tokens"]) / sec,
+        "supervised_tokens_per_sec": (last["supervised_tokens"] - first["supervised_tokens"]) / sec,
+        "rows_per_sec": (last["step"] - first["step"]) * 8 / sec,
+        "peak_memory_gb": max(m["peak_memory_gb"] for m in w),
+        "train_loss": [m["train_loss"] for m in w],
+    }
+
+
+def mlx_lm_config(base: Path, iters: int, work: Path) -> Path:
+    from mlxft.recipes import load_recipe
+
+    r = load_recipe(RECIPE, tier=8)
+    cfg = {
+        "model": str(base), "train": True, "data": str(ROOT / r.data.path), "fine_tune_type": "lora",
+        "mask_prompt": True, "num_layers": r.lora.num_layers, "batch_size": r.train.batch_size, "iters": iters,
+        "val_batches": 1, "steps_per_report": WINDOW, "steps_per_eval": 100000, "save_every": 100000,
+        "learning_rate": r.train.learning_rate, "max_seq_length": r.train.max_seq_length, "seed": 0,
+        "grad_checkpoint": False, "adapter_path": str(work / "mlx-lm-adapters"),
+        "lora_parameters": {"rank": r.lora.rank, "scale": r.lora.scale, "dropout": r.lora.dropout, "keys": list(r.lora.targets)},
+    }
+    path = work / "mlx_lm_lora.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
+    from mlx_lm.utils import load_tokenizer
+
+    eot = load_tokenizer(base).convert_tokens_to_ids("<|im_end|>")
+    counts_file = work / f"counts-{time.time_ns()}.json"
+    out = subprocess.run(
+        [sys.executable, "-c", MLX_LM_WRAPPER, str(eot), str(counts_file), "--config", str(config)],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    ).stdout
+    rec = np.array(json.loads(counts_file.read_text()))
+    # rec[k] is taken when batch k+1 is fetched, i.e. after step k; step 1 (with the first
+    # validation) and the last step (with the final validation) are left out, like a warm-up.
+    lo, hi = WINDOW, len(rec) - 1  # steps lo+1 .. hi
+    sec = rec[hi, 0] - rec[lo, 0]
+    c = rec[lo:hi, 2:].sum(axis=0)  # batch k is counted in rec[k-1]
+    return {
+        "steps_timed": hi - lo, "seconds": float(sec), "tokens_per_sec": c[0] / sec,
+        "supervised_tokens_per_sec": c[2] / sec, "mlx_lm_own_supervised_tokens_per_sec": c[1] / sec,
+        "rows_per_sec": (hi - lo) * 8 / sec, "peak_memory_gb": float(rec[hi, 1]) / 1e9,
+        "stdout_tail": out[-600:],
+    }
+
+
+def step_flops(base: Path, iters: int) -> tuple[float, float]:
+    """(executed, full-row) FLOPs per step, averaged over mlxft's timed steps (same batch order).
+
+    Executed: the shared-prefix path as run (suffix rows, padding included, through all blocks;
+    the prefix once through the trainable blocks; frozen prefix cached). Full-row: what the
+    plain path needs for the same rows. Matmul FLOPs only (2*m*n*k), backward = input grads of
+    every trainable-region matmul plus LoRA weight grads; the head at supervised positions.
+    """
+    from mlxft.data import encode_rows, load_splits
+    from mlxft.models import load_base
+    from mlxft.prefix import PAD_MULTIPLE, shared_prefix_length
+    from mlxft.recipes import load_recipe
+    from mlxft.train import batch_order
+
+    r = load_recipe(RECIPE, tier=8)
+    cfg = json.loads((base / "config.json").read_text())
+    D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = D // H
+    lin = D * D * 2 + 2 * D * KV * hd + 3 * D * F  # q, o, k, v, gate/up/down weights per block
+    rk, nt = r.lora.rank, r.lora.num_layers
+    lora = rk * (4 * D + 2 * (D + KV * hd)) + rk * (2 * (D + F) + (F + D))  # A and B of 7 targets
+    tok = load_base(r.model.source).tokenizer
+    rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
+    order = batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0)
+
+    def block(tokens, keys):  # forward FLOPs of one block for `tokens` queries over `keys` keys each
+        return 2 * tokens * (lin + lora) + 4 * tokens * keys * H * hd
+
+    executed, full = [], []
+    for b in order[WINDOW:iters]:
+        batch = [rows[i] for i in b]
+        n_sup = sum(int(e.mask[1:].sum()) for e in batch)
+        head = 2 * n_sup * D * V * 2  # forward + input grad
+        P = shared_prefix_length(batch)
+        S = -(-(max(len(e.ids) for e in batch) - 1 - P) // PAD_MULTIPLE) * PAD_MULTIPLE
+        B = len(batch)
+        suf = block(B * S, P + S / 2)
+        pre = block(P, P / 2)
+        # trainable blocks: forward + input-grad backward (~1x forward) + LoRA weight grads
+        executed.append((L - nt) * suf + nt * (2 * suf + 2 * pre) + head)
+        T = max(len(e.ids) for e in batch) - 1
+        f = block(B * T, T / 2)
+        full.append((L - nt) * f + nt * 2 * f + head)
+    return float(np.mean(executed)), float(np.mean(full))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args()
+    from mlxft.doctor import matmul_gflops
+
+    base = base_folder()
+    work = Path(tempfile.mkdtemp(prefix="mlxft-bench-"))
+    cfg = mlx_lm_config(base, args.iters, work)
+    rounds, gflops = [], [matmul_gflops(1024)]
+    for i in range(args.rounds):
+        a = run_mlxft(base, args.iters, work, [])
+        print(f"round {i + 1} mlxft:        {a['supervised_tokens_per_sec']:.2f} supervised tok/s, "
+              f"{a['tokens_per_sec']:.0f} tok/s, peak {a['peak_memory_gb']:.2f} GB", flush=True)
+        b = run_mlx_lm(base, cfg, work)
+        print(f"round {i + 1} mlx_lm.lora:  {b['supervised_tokens_per_sec']:.2f} supervised tok/s, "
+              f"{b['tokens_per_sec']:.0f} tok/s, peak {b['peak_memory_gb']:.2f} GB", flush=True)
+        gflops.append(matmul_gflops(1024))
+        rounds.append({"mlxft": a, "mlx_lm_lora": b,
+                       "ratio_supervised": a["supervised_tokens_per_sec"] / b["supervised_tokens_per_sec"],
+                       "ratio_rows": a["rows_per_sec"] / b["rows_per_sec"],
+                       "ratio_total_tokens": a["tokens_per_sec"] / b["tokens_per_sec"],
+                       "memory_ratio": a["peak_memory_gb"] / b["peak_memory_gb"]})
+    executed, full = step_flops(base, args.iters)
+    matmul = statistics.median(gflops) * 1e9
+    step_sec = statistics.median(r["mlxft"]["seconds"] / r["mlxft"]["steps_timed"] for r in rounds)
+    result = {
+        "what": "mlxft train vs stock mlx_lm.lora, default recipe smollm2-135m (fp32 base, LoRA r8 on 7 targets x 16 layers, "
+                f"batch 8, max len 256), {args.iters} iterations each, {args.rounds} alternating rounds, first {WINDOW} steps dropped",
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rounds": rounds,
+        "median_ratio_supervised_tokens_per_sec": statistics.median(r["ratio_supervised"] for r in rounds),
+        "median_ratio_total_tokens_per_sec": statistics.median(r["ratio_total_tokens"] for r in rounds),
+        "median_memory_ratio": statistics.median(r["memory_ratio"] for r in rounds),
+        "matmul_gflops_fp32_1024": gflops,
+        "step_flops_executed": executed,
+        "step_flops_full_rows": full,
+        "achieved_fraction_of_matmul": executed / step_sec / matmul,
+        "effective_fraction_of_matmul_full_row_flops": full / step_sec / matmul,
+        # HF PEFT on torch CPU is not run here: torch is not installed on the build machines and the
+        # peer runner is not written (OFFLINE.md measured it at ~21 tokens/s on this box).
+        "hf_peft": "not measured by this bench",
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nsupervised tokens/s ratio mlxft / mlx_lm.lora: {result['median_ratio_supervised_tokens_per_sec']:.2f}x "
+          f"(target >= 2.0x); total tokens/s ratio {result['median_ratio_total_tokens_per_sec']:.2f}x; "
+          f"peak memory ratio {result['median_memory_ratio']:.2f} (target <= 1.0)")
+    print(f"training step: {executed / step_sec / 1e9:.1f} GFLOP/s executed = {result['achieved_fraction_of_matmul']:.0%} of "
+          f"measured matmul {matmul / 1e9:.0f} GFLOP/s (target >= 40%); full-row equivalent "
+          f"{result['effective_fraction_of_matmul_full_row_flops']:.0%}")
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
