@@ -126,10 +126,12 @@ class HttpTeacher:
         return models[0].get("id", "default") if models and isinstance(models[0], dict) else "default"
 
     def complete(self, conversations: list[list[dict]], sampling: TeacherSampling, seed: int) -> list[Reply]:
-        replies = []
-        for i, conv in enumerate(conversations):
-            body = {"model": self.model, "messages": conv, "temperature": sampling.temp, "top_p": sampling.top_p,
-                    "max_tokens": sampling.max_tokens, "seed": seed + i}
+        """One request per conversation, `batch_size` in flight at once (servers that batch answer them together)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(i: int) -> Reply:
+            body = {"model": self.model, "messages": conversations[i], "temperature": sampling.temp,
+                    "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": seed + i}
             answer = self._request(self.endpoint, body)
             try:
                 choice = answer["choices"][0]
@@ -137,8 +139,10 @@ class HttpTeacher:
             except (KeyError, IndexError, TypeError, AttributeError):
                 raise ModelError(f"teacher {self.endpoint} answered without choices[0].message: "
                                  f"{json.dumps(answer)[:200]}") from None
-            replies.append(Reply(text, choice.get("finish_reason") == "length"))
-        return replies
+            return Reply(text, choice.get("finish_reason") == "length")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.batch_size, len(conversations)))) as pool:
+            return list(pool.map(ask, range(len(conversations))))  # in order; the first error is raised
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
