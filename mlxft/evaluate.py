@@ -165,7 +165,7 @@ def score_suite(p: Prepared, base: Side | None, adapter: Side, eval_config: Eval
         per = {}
         if scorer.kind == "perplexity":
             values = {"base": base.perplexity[spec.name] if base else None, "adapter": adapter.perplexity[spec.name]}
-            details["data"] = str(spec.data or suite.data)
+            details["data"] = _shown(spec.data or suite.data)
         elif scorer.kind == "judge":
             score = judge_scores.get(spec.name)
             if score is None:
@@ -195,8 +195,8 @@ def score_suite(p: Prepared, base: Side | None, adapter: Side, eval_config: Eval
     failures.sort(key=lambda f: (-f.pop("_regression"), f.pop("_score")))
     return {
         "description": suite.description,
-        "suite_file": str(suite.path),
-        "data": str(suite.data) if suite.data else None,
+        "suite_file": _shown(suite.path),
+        "data": _shown(suite.data) if suite.data else None,
         "n": len(examples),
         "prompt": {"system": suite.system, "few_shot": suite.few_shot.shots if suite.few_shot else 0,
                    "max_tokens": suite.max_tokens},
@@ -205,6 +205,14 @@ def score_suite(p: Prepared, base: Side | None, adapter: Side, eval_config: Eval
         "failures": _dedupe(failures)[:MAX_FAILURES],
         "passed": all(e["gate"]["passed"] is not False for e in entries if e["gate"]),
     }
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (eval.json stays portable)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _flatten_details(value: dict) -> dict:
