@@ -90,8 +90,11 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--hostfile", default=None, metavar="JSON", help="Data-parallel over mlx.launch's JSON hostfile.")
 @click.option("--launch-arg", "launch_args", multiple=True, metavar="ARG",
               help="Pass ARG to mlx.launch, e.g. --launch-arg=--starting-port=40000.")
+@click.option("--auto-fit", is_flag=True,
+              help="When the memory plan does not fit the tier, shrink the batch / checkpoint / quantize until it does.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args,
+          auto_fit):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from pathlib import Path
 
@@ -115,6 +118,10 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
+        if r.train.method == "sft":  # the memory plan models SFT steps (mlxft/plan.py)
+            from mlxft.plan import check_fits
+
+            r = check_fits(r, data_dir, auto_fit, click.echo)
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
     if compare and result.run.read_config()["recipe"]["train"].get("method", "sft") != "sft":
@@ -130,6 +137,25 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
     click.echo(f"run folder: {result.run.root}")
     if compare and not evaluated["passed"]:
         sys.exit(1)  # an eval gate failed (the table above says which): CI should notice
+
+
+@main.command("plan")
+@click.argument("recipe", default="smollm2-135m")
+@click.option("--tier", type=int, default=None, help="Memory tier in GB (default: detected).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.batch_size=4.")
+@click.option("--data", "data_dir", default=None, help="Folder with train.jsonl (default: the recipe's).")
+@click.option("--model", default=None, help="Base model instead of the recipe's.")
+@friendly
+def plan_cmd(recipe, tier, overrides, data_dir, model):
+    """Predict peak memory and tokens/s of training RECIPE, and whether it fits the tier."""
+    from mlxft.plan import format_plan, plan_recipe
+    from mlxft.recipes import load_recipe
+
+    if model:
+        overrides = (*overrides, f"model.source={model}")
+    r = load_recipe(recipe, tier=tier, overrides=overrides)
+    click.echo(f"recipe {r.name} for the {r.tier} GB tier")
+    click.echo(format_plan(plan_recipe(r, data_dir)))
 
 
 @main.command("eval")
