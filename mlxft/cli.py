@@ -124,8 +124,9 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
             r = check_fits(r, data_dir, auto_fit, click.echo)
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
-    if compare and result.run.read_config()["recipe"]["train"].get("method", "sft") != "sft":
-        from mlxft.preference import compare_pairs, format_pairs  # pairs, not chat rows: log-prob preference
+    run_recipe = result.run.read_config()["recipe"] if compare else {}
+    if compare and run_recipe["train"].get("method", "sft") != "sft" and not run_recipe.get("eval", {}).get("suites"):
+        from mlxft.preference import compare_pairs, format_pairs  # no suites named: log-prob preference on test pairs
 
         click.echo(format_pairs(compare_pairs(result.run.root, log=click.echo)))
         compare = False

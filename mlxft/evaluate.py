@@ -124,6 +124,7 @@ class Side:
 
     predictions: list[str] = field(default_factory=list)
     perplexity: dict[str, float] = field(default_factory=dict)  # scorer name -> ppl
+    preference: dict[str, dict] = field(default_factory=dict)  # scorer name -> mlxft.preference.score_pairs
     seconds: float = 0.0
 
 
@@ -146,6 +147,10 @@ def run_side(model, tokenizer, prepared: list[Prepared], label: str, log) -> dic
             if spec.scorer.kind == "perplexity":
                 nll, count = total_nll(model, perplexity_inputs(tokenizer, spec, p.examples), spec.scorer.batch_size)
                 side.perplexity[spec.name] = math.exp(nll / max(count, 1))
+            elif spec.scorer.kind == "preference":  # chosen vs rejected log-probs (mlxft/preference.py)
+                from mlxft.preference import score_examples
+
+                side.preference[spec.name] = score_examples(model, tokenizer, p.examples, spec.scorer.batch_size)
         side.seconds = time.perf_counter() - tic
         out[p.suite.name] = side
     return out
@@ -166,6 +171,11 @@ def score_suite(p: Prepared, base: Side | None, adapter: Side, eval_config: Eval
         if scorer.kind == "perplexity":
             values = {"base": base.perplexity[spec.name] if base else None, "adapter": adapter.perplexity[spec.name]}
             details["data"] = _shown(spec.data or suite.data)
+        elif scorer.kind == "preference":
+            sides = {"base": base.preference[spec.name] if base else None, "adapter": adapter.preference[spec.name]}
+            values = {k: v["accuracy"] if v else None for k, v in sides.items()}
+            details = {key: {k: v[key] for k, v in sides.items() if v}
+                       for key in ("accuracy_summed", "margin_per_token", "chosen_logp", "rejected_logp")}
         elif scorer.kind == "judge":
             score = judge_scores.get(spec.name)
             if score is None:

@@ -641,6 +641,19 @@ def score_pairs(model: nn.Module, tokenizer, family: str, rows: list[dict], syst
     }
 
 
+def score_examples(model: nn.Module, tokenizer, examples, batch_size: int = 8) -> dict:
+    """`score_pairs` for eval-suite examples (mlxft.scorers.Example): the prompt as the suite built
+    it, the reference as the chosen answer and the row's `rejected` as the rejected one."""
+    rows = []
+    for i, e in enumerate(examples):
+        if not e.row.get("rejected"):
+            raise DataError(f"row {i + 1} of the suite's data has no 'rejected' answer (preference_accuracy needs one)")
+        rows.append({"messages": [*e.messages, {"role": "assistant", "content": e.reference}],
+                     "rejected": e.row["rejected"]})
+    family = getattr(getattr(model, "args", None), "model_type", "")
+    return score_pairs(model, tokenizer, family, rows, None, None, batch_size)
+
+
 def read_pair_rows(path: Path) -> list[dict]:
     """Normalised preference rows of a file (any format mlxft reads); DataError names file:line."""
     from mlxft.formats import load_dataset

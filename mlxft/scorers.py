@@ -108,7 +108,7 @@ class Scorer:
     """Base class: `params` are the YAML keys besides name/type/gate/data."""
 
     type = ""
-    kind = "text"  # text | perplexity | judge
+    kind = "text"  # text | perplexity | judge | preference
     unit = "fraction"
     higher_is_better = True
     PARAMS: tuple[str, ...] = ()
@@ -419,6 +419,27 @@ class Perplexity(Scorer):
             setattr(self, key, value)
 
 
+class PreferenceAccuracy(Scorer):
+    """Share of rows whose reference (chosen) answer gets a higher mean per-token log-prob than the
+    row's `rejected` answer: does the model prefer the chosen style? Rows are chat rows with a
+    `rejected` key (a string or assistant messages). Computed by `mlxft.evaluate` with the model
+    (mlxft.preference.score_examples); per token because a summed log-prob favours the shorter answer.
+    """
+
+    type = "preference_accuracy"
+    kind = "preference"
+    PARAMS = ("batch_size",)
+
+    def __init__(self, params, base_dir):
+        super().__init__(params, base_dir)
+        self.batch_size = params.get("batch_size", 8)
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise ScorerParamError("batch_size", f"expected a positive int, got {self.batch_size!r}")
+
+    def needs_reference(self):
+        return True
+
+
 class Judge(Scorer):
     """Pairwise LLM judge: base vs adapter replies, each pair judged in both orders.
 
@@ -453,7 +474,8 @@ class Judge(Scorer):
 SCORERS: dict[str, type[Scorer]] = {
     cls.type: cls
     for cls in (ExactMatch, NormalizedMatch, LabelAccuracy, RegexMatch, JsonValid, JsonSchemaValid,
-                JsonFieldAccuracy, ContainsAll, ContainsAny, RougeL, Refusal, Perplexity, Judge)
+                JsonFieldAccuracy, ContainsAll, ContainsAny, RougeL, Refusal, Perplexity, Judge,
+                PreferenceAccuracy)
 }
 
 

@@ -160,6 +160,19 @@ def test_dpo_step0_loss_is_log2_and_training_raises_the_margin(tiny_model, pair_
     values = suite["scorers"][0]["values"]
     assert suite["n"] == 48 and values == result["suites"][PAIRS_SUITE]["scorers"][0]["values"]
     assert values["adapter"] > values["base"] and suite["passed"]
+    # The same pairs as an eval suite (`mlxft eval RUN --suite ...`): the preference_accuracy scorer agrees.
+    from mlxft.evaluate import compare_run
+
+    rows = [json.loads(line) for line in (pair_data / "train.jsonl").read_text().splitlines()]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": r["system"]}, {"role": "user", "content": r["prompt"]},
+        {"role": "assistant", "content": r["chosen"]}], "rejected": r["rejected"]}) + "\n" for r in rows))
+    (tmp_path / "pairs.yaml").write_text("name: tiny-pairs\ndata: pairs.jsonl\nscorers:\n"
+                                        "  - {name: prefers_chosen, type: preference_accuracy, gate: {min_delta: 0.01}}\n")
+    evaluated = compare_run(res.run.root, [str(tmp_path / "pairs.yaml")], log=lambda *_: None)
+    entry = evaluated["suites"]["tiny-pairs"]["scorers"][0]
+    assert entry["values"] == pytest.approx(values) and entry["gate"]["passed"]
+    assert PAIRS_SUITE in evaluated["suites"]  # eval-pairs' suite is kept beside it in eval.json
 
 
 def test_orpo_raises_the_margin(tiny_model, pair_data, tmp_path):
