@@ -178,7 +178,7 @@ def score_setups(suite, setups: dict[str, list], sides: dict, eval_config) -> di
     zero = column(0)
     for spec in suite.scorers:
         kind = spec.scorer.kind
-        if kind == "judge":  # a pairwise base-vs-adapter judgment has nothing to compare here
+        if kind not in ("text", "perplexity"):  # a pairwise judge or a chosen-vs-rejected score compares models
             continue
         values = {}
         for name, examples in setups.items():
