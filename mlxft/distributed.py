@@ -14,7 +14,7 @@ step as one process with B rows (up to float rounding). Only rank 0 writes the r
 A checkpoint therefore holds the global data position and resumes on any rank count that
 divides the batch. A rank that dies makes the others stop with one clear message: the ring
 backend reports a lost peer, mlx.launch stops the rest, and a watchdog ends a rank that has
-waited longer than MLXFT_DIST_TIMEOUT seconds (default 600) for the others.
+waited longer than MLXFT_DIST_TIMEOUT seconds (default 600) for the others during training.
 """
 
 from __future__ import annotations
@@ -193,9 +193,13 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
-def _wait(what: str, *arrays) -> None:
-    """Evaluate collective results; a lost peer becomes a RankLost with a resume hint."""
-    with _WATCHDOG.waiting(what):
+def _wait(what: str, *arrays, watched: bool = True) -> None:
+    """Evaluate collective results; a lost peer becomes a RankLost with a resume hint.
+
+    Set-up broadcasts are not watched: a machine may take long to load or convert its base model
+    the first time, and a dead peer still shows as a lost connection there.
+    """
+    with _WATCHDOG.waiting(what) if watched else contextlib.nullcontext():
         try:
             mx.eval(*arrays)
         except RuntimeError as e:
@@ -219,11 +223,11 @@ def _broadcast_json(obj=None):
     """Rank 0's JSON-able object on every rank (the others pass None)."""
     data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8) if is_main() else np.zeros(0, np.uint8)
     n = mx.distributed.all_sum(mx.array([data.size], dtype=mx.int64))
-    _wait("a broadcast from rank 0", n)
+    _wait("a broadcast from rank 0", n, watched=False)
     buf = np.zeros(n.item(), np.uint8)
     buf[: data.size] = data
     out = mx.distributed.all_sum(mx.array(buf))
-    _wait("a broadcast from rank 0", out)
+    _wait("a broadcast from rank 0", out, watched=False)
     return json.loads(bytes(np.array(out)).decode())
 
 
@@ -240,7 +244,7 @@ def _broadcast_arrays(flat: list | None) -> list:
         x = mine[name] if is_main() else mx.zeros(shape, dtype)
         bits = mx.distributed.all_sum(mx.view(x.reshape(-1), _UINT[dtype.size]))
         out.append((name, mx.view(bits, dtype).reshape(shape)))
-    _wait("a broadcast from rank 0", [v for _, v in out])
+    _wait("a broadcast from rank 0", [v for _, v in out], watched=False)
     return out
 
 
