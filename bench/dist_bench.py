@@ -9,7 +9,9 @@ tokens/s from each run's metrics.jsonl, leaving out the first two steps (warm-up
   2 ranks, 1 BLAS thread    each rank on its own core, 4 rows each, gradients all-reduced
 
 It also times the gradient all-reduce alone (mlx's average_gradients over a tree the size
-of the recipe's trainable parameters) between two local ranks.
+of the recipe's trainable parameters) between two local ranks, and the CPU-seconds per step
+of 1 rank and of 2 ranks together (3-step runs subtracted to remove start-up): the compute
+the split adds, independent of how much of a busy box the ranks were given.
 
 What a 2-core box can show: both ranks share the same two cores that the single process
 already uses, so 2 ranks cannot beat 1 rank x 2 threads here. The useful readings are the
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SHORT = 3  # steps of the runs whose CPU time is subtracted as start-up
 
 ALLREDUCE = """
 import json, sys, time
@@ -64,9 +68,9 @@ def run_training(recipe: str, iters: int, ranks: int, threads: int, runs: Path) 
     if ranks > 1:
         cmd += ["--hosts", ",".join(["127.0.0.1"] * ranks), f"--launch-arg=--starting-port={free_port()}"]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "MLXFT_DIST_TIMEOUT": "600"}
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), _children_cpu()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - tic
+    wall, cpu = time.perf_counter() - tic, _children_cpu() - cpu
     if out.returncode:
         raise SystemExit(f"training failed ({ranks} ranks):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
@@ -78,7 +82,13 @@ def run_training(recipe: str, iters: int, ranks: int, threads: int, runs: Path) 
         "sec_per_step": seconds / (last["step"] - warm["step"]),
         "final_train_loss": last["train_loss"],
         "wall_sec": wall,
+        "cpu_sec": cpu,  # all processes of the run (every rank, the launcher), start-up included
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants: ranks, mlx.launch
+    return usage.ru_utime + usage.ru_stime
 
 
 def allreduce_ms(n_params: int) -> dict:
@@ -105,6 +115,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="smollm2-135m")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
+    if args.iters <= SHORT:
+        ap.error(f"--iters must be more than {SHORT}")
 
     print(f"data-parallel bench: {args.recipe}, {args.iters} steps of global batch from the recipe, "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start")
@@ -118,6 +130,15 @@ def main() -> None:
             print(f"  {label}: {r['tokens_per_sec']:7.1f} tokens/s  {r['sec_per_step']:6.2f} s/step  "
                   f"final train loss {r['final_train_loss']:.4f}  (wall {r['wall_sec']:.0f} s incl. start-up)")
         n_params = trainable_parameters(Path(tmp) / "r1t2")
+        # CPU-seconds per step, start-up removed (a 3-step run of the same kind is subtracted): how
+        # much compute the split adds, whatever share of the busy cores the ranks were given.
+        cpu_per_step = {}
+        for ranks in (1, 2):
+            runs = Path(tmp) / f"short{ranks}"
+            runs.mkdir()
+            short = run_training(args.recipe, SHORT, ranks, 1, runs)
+            long = results["1 rank,  1 BLAS thread " if ranks == 1 else "2 ranks, 1 BLAS thread "]
+            cpu_per_step[ranks] = (long["cpu_sec"] - short["cpu_sec"]) / (args.iters - SHORT)
     ar = allreduce_ms(n_params)
     base, one_core, two = (results[k]["tokens_per_sec"] for k in results)
     print(f"  all-reduce of the {n_params / 1e6:.2f}M trainable parameters ({ar['mb']:.1f} MB fp32) between 2 local "
@@ -125,6 +146,9 @@ def main() -> None:
     print(f"2 ranks vs 1 rank x 1 thread: {two / one_core:.2f}x (2.0x = perfect split across two cores)")
     print(f"2 ranks vs 1 rank x 2 threads: {two / base:.2f}x (the box has 2 cores: both use all of them, so ~1x "
           f"is the honest ceiling here; separate machines each bring their own cores)")
+    print(f"CPU-seconds per step, all ranks together (1 BLAS thread each): 1 rank {cpu_per_step[1]:.2f}, "
+          f"2 ranks {cpu_per_step[2]:.2f} ({cpu_per_step[2] / cpu_per_step[1]:.2f}x: the compute the split adds; "
+          f"with a free core per rank the 2-rank step would take about {cpu_per_step[2] / 2:.2f} s + the all-reduce)")
     print("same global batch, same data order: the final losses above should agree to ~1e-3 (float rounding)")
 
 
