@@ -81,12 +81,13 @@ def test_eval_cli_writes_eval_json_and_gates_decide_exit(tiny_run, tiny_data, tm
         assert s["delta"] == pytest.approx(s["values"]["adapter"] - s["values"]["base"])
     conf = by_name["label"]["details"]["confusion"]
     assert conf["labels"] == ["alpha", "beta", "gamma"] and len(conf["base"]) == 3 and len(conf["adapter"]) == 3
-    # The big random LoRA makes the reference answers far less likely: a tight perplexity gate fails.
+    # The big random LoRA moves the perplexity of the references; a gate just tighter than that move fails.
     ppl = by_name["ppl"]["values"]
-    assert ppl["adapter"] > 1.2 * ppl["base"]
+    rise_pct = 100 * (ppl["adapter"] / ppl["base"] - 1)
+    assert abs(rise_pct) > 1
     for f in entry["failures"]:
         assert {"prompt", "reference", "base", "adapter", "scorer"} <= set(f)
-    write_suite(tmp_path / "s.yaml", tiny_data / "test.jsonl", scorers.replace("RISE", "10"))
+    write_suite(tmp_path / "s.yaml", tiny_data / "test.jsonl", scorers.replace("RISE", f"{rise_pct - 1:.3f}"))
     res = runner.invoke(main, ["eval", str(tiny_run), "--suite", str(suite)])
     assert res.exit_code == 1, res.output
     assert "gates FAILED: tiny/ppl" in res.output and "FAIL" in res.output
