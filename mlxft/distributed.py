@@ -210,6 +210,17 @@ def _wait(what: str, *arrays, watched: bool = True) -> None:
             ) from None
 
 
+def finish_interrupted() -> None:
+    """After an agreed Ctrl-C, once rank 0's checkpoint is on disk: no rank leaves before that
+    (a barrier), and a SIGTERM from the launcher (it stops the others as soon as one rank exits)
+    becomes the exit this rank was about to make anyway, 130, not a failure."""
+    if size() == 1:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(130))
+    any_rank(True)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (so all ranks stop at the same step)."""
     if size() == 1:

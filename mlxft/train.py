@@ -573,6 +573,7 @@ def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
         f"\ninterrupted at step {p.step} of {s.steps}: checkpoint saved in {s.run.checkpoint(p.step)}\n"
         f"resume with: mlxft train --resume {s.run.root}" + (" (and the same --hosts/--hostfile)" if dist.size() > 1 else "")
     )
+    dist.finish_interrupted()
     raise KeyboardInterrupt
 
 
