@@ -74,7 +74,8 @@ def test_recipes_demo_the_commit_type_task(name):
         pytest.skip("a preference recipe: its demo is datasets/house-style (tests/test_preference.py)")
     if recipe.data.path == "datasets/structured":
         pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
-    assert recipe.data.path == "datasets/commit-type"
+    # the default trains on commit-type plus replay rows that keep general ability and safety
+    assert recipe.data.path == ("datasets/commit-type-replay" if name == "smollm2-135m" else "datasets/commit-type")
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT
     assert recipe.eval.max_tokens == 8
 
@@ -92,7 +93,7 @@ def test_default_recipe_keeps_its_cpu_tuned_values():
         assert (recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout) == (8, 16.0, 0.0)
         assert recipe.lora.num_layers == 16
         train = recipe.train
-        assert (train.learning_rate, train.lr_schedule, train.warmup_steps) == (2.0e-4, "cosine", 10)
+        assert (train.learning_rate, train.lr_schedule, train.warmup_steps) == (1.0e-4, "cosine", 10)
         assert (train.iters, train.batch_size, train.grad_accumulation) == (120, 8, 1)
         assert (train.grad_checkpoint, train.max_seq_length) == (False, 256)
         assert (train.val_every, train.val_batches, train.report_every, train.seed) == (40, 4, 10, 0)
