@@ -213,11 +213,12 @@ def _wait(what: str, *arrays, watched: bool = True) -> None:
 def finish_interrupted() -> None:
     """After an agreed Ctrl-C, once rank 0's checkpoint is on disk: no rank leaves before that
     (a barrier), and a SIGTERM from the launcher (it stops the others as soon as one rank exits)
-    becomes the exit this rank was about to make anyway, 130, not a failure."""
+    is ignored: this rank is already exiting with 130. (SIG_IGN, not a Python handler: Python
+    resets its own handlers to the default during shutdown, where a late SIGTERM would kill.)"""
     if size() == 1:
         return
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(130))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     any_rank(True)
 
 

@@ -189,7 +189,9 @@ def test_smollm2_commit_type_zero_and_three_shot(tmp_path):
     assert all(0.0 <= v <= 1.0 for vs in values.values() for v in vs.values())
     assert entry["meets_gates"] == {"base 0-shot": False, "base 3-shot": False}
     assert verdict(entry).endswith("fine-tune")
-    assert entry["few_shot_data"].endswith("datasets/commit-type/train.jsonl")
+    from mlxft.recipes import load_recipe
+
+    assert entry["few_shot_data"].endswith(load_recipe("smollm2-135m").data.path + "/train.jsonl")
     assert (tmp_path / "runs" / "baselines" / "smollm2-135m.json").is_file()
 
 

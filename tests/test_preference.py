@@ -223,8 +223,13 @@ def test_dpo_memory_stays_below_two_copies_of_the_base(tmp_path):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = pref_recipe(model_dir, data, "dpo", iters=3, val_every=3, batch_size=2, val_batches=1)
     recipe.data.system_prompt = None
+    import gc
+
+    gc.collect()
+    mx.clear_cache()
+    held = mx.get_active_memory()  # arrays other tests in this process still hold count toward any peak
     res = train(recipe, runs_root=tmp_path / "runs", **QUIET)
-    peak = res.peak_memory_gb * 1e9
+    peak = res.peak_memory_gb * 1e9 - held
     # The reference is the same weights with no adapter: one copy + LoRA, optimizer and activations.
     # A second copy of the base for the reference would alone bring the peak to 2x the weights.
     assert weight_bytes < peak < 2 * weight_bytes, (peak, weight_bytes)
