@@ -357,15 +357,20 @@ def build_messages(prompt: list[dict], system: str, run_system: str | None, shot
 
 
 def few_shot_turns(few: FewShot | None, exclude: set[str]) -> list[dict]:
-    """user/assistant pairs drawn (seeded) from `few.data`, skipping any whose user text is in `exclude`."""
+    """user/assistant pairs drawn (seeded) from `few.data`, skipping any whose user text is in `exclude`.
+
+    Only rows under the file's most common system prompt are drawn: a training split that mixes
+    in replay rows (general questions, refusals under another prompt) gives shots of the task."""
     if few is None:
         return []
-    pool = []
+    groups: dict[str | None, list] = {}
     for row in read_rows(few.data):
         prompt, ref = split_reference(row["messages"])
         users = [m for m in prompt if m["role"] == "user"]
+        system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
         if ref is not None and users and users[-1]["content"] not in exclude:
-            pool.append((users[-1]["content"], ref))
+            groups.setdefault(system, []).append((users[-1]["content"], ref))
+    pool = max(groups.values(), key=len, default=[])
     if len(pool) < few.shots:
         raise DataError(f"{few.data}: {len(pool)} usable rows for {few.shots} few-shot examples")
     picked = random.Random(few.seed).sample(pool, few.shots)

@@ -158,3 +158,22 @@ def test_perplexity_only_suite_on_a_plain_model(tiny_model, tmp_path):
     res = CliRunner().invoke(main, ["eval", str(tiny_model), "--suite", str(suite)])
     assert res.exit_code == 0, res.output  # a relative gate with nothing to compare with is n/a, not a failure
     assert "n/a" in res.output and "prose (lower is better)" in res.output
+
+
+def test_few_shots_come_from_the_task_rows_not_mixed_in_replay_rows(tmp_path):
+    import json
+
+    from mlxft.suites import FewShot, few_shot_turns
+
+    def row(system, user, answer):
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                             {"role": "assistant", "content": answer}]}
+
+    rows = [row("Label it.", f"commit {i}", "fix") for i in range(6)]
+    rows += [row("You are a helpful assistant.", f"question {i}", "an answer") for i in range(3)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for seed in range(5):
+        turns = few_shot_turns(FewShot(data, 4, seed), exclude={"commit 0"})
+        users = [t["content"] for t in turns if t["role"] == "user"]
+        assert len(users) == 4 and all(u.startswith("commit") and u != "commit 0" for u in users)
