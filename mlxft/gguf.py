@@ -242,9 +242,14 @@ def _llama_config(metadata: dict, prefix: str, model_type: str = "llama") -> dic
     head_dim = get("attention.key_length", hidden // heads)
     if head_dim != hidden // heads:
         config["head_dim"] = head_dim
+    return _with_rope_scaling(config, metadata, prefix)
+
+
+def _with_rope_scaling(config: dict, metadata: dict, prefix: str) -> dict:
+    """Add the GGUF's rope scaling to `config` (only linear scaling is supported)."""
     scaling = metadata.get(f"{prefix}.rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor")}
+        config["rope_scaling"] = {"type": "linear", "factor": _getter(metadata, prefix)("rope.scaling.factor")}
     elif scaling != "none":
         raise ModelError(f"rope scaling {scaling!r} is not supported yet (only 'linear')")
     return config
@@ -283,12 +288,7 @@ def _gemma3_config(metadata: dict, prefix: str) -> dict:
         "max_position_embeddings": get("context_length"),
         "rope_scaling": None,
     }
-    scaling = metadata.get(f"{prefix}.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor")}
-    elif scaling != "none":
-        raise ModelError(f"rope scaling {scaling!r} is not supported yet (only 'linear')")
-    return config
+    return _with_rope_scaling(config, metadata, prefix)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -479,15 +478,7 @@ def _run(s: PrefSession, p: PrefProgress) -> sft.TrainResult:
 
 
 def _next_batch(s: PrefSession, p: PrefProgress) -> list[Pair]:
-    t = s.recipe.train
-    if s.order_epoch != p.epoch:
-        s.order = sft.batch_order(np.array([q.length for q in s.train_set]), t.batch_size, t.seed, p.epoch)
-        s.order_epoch = p.epoch
-    batch = [s.train_set[i] for i in s.order[p.position]]
-    p.position += 1
-    if p.position == len(s.order):
-        p.epoch, p.position = p.epoch + 1, 0
-    return batch
+    return sft._next_batch(s, p, length=lambda q: q.length)
 
 
 def _train_step(s: PrefSession, p: PrefProgress) -> None:

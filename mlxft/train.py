@@ -36,7 +36,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from mlxft.checkpoint import (
-    Progress, latest_checkpoint, load_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
+    Progress, latest_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
 )
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
@@ -577,11 +577,12 @@ def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
     raise KeyboardInterrupt
 
 
-def _next_batch(s: Session, p: Progress) -> list[Encoded]:
-    """The next micro-batch: position `p.position` of epoch `p.epoch`'s deterministic order."""
+def _next_batch(s: Session, p: Progress, length=lambda e: len(e.ids)) -> list:
+    """The next micro-batch: position `p.position` of epoch `p.epoch`'s deterministic order
+    (bucketed by `length` of each training item; the preference loop passes a pair's length)."""
     t = s.recipe.train
     if s.order_epoch != p.epoch:
-        s.order = batch_order(np.array([len(e.ids) for e in s.train_set]), t.batch_size, t.seed, p.epoch)
+        s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch)
         s.order_epoch = p.epoch
     batch = [s.train_set[i] for i in s.order[p.position]]
     p.position += 1
