@@ -523,18 +523,7 @@ def _after_step(s: PrefSession, p: PrefProgress, write) -> None:
     t = s.recipe.train
     last = p.step == s.steps
     if p.step % t.report_every == 0 or last:
-        s.run.log_metrics({
-            "step": p.step,
-            "train_loss": p.window_loss / p.window_n,
-            **{k: v / p.window_n for k, v in p.window_stats.items()},
-            "learning_rate": float(s.optimizer.learning_rate.item()),
-            "tokens": p.tokens,
-            "supervised_tokens": p.supervised_tokens,
-            "tokens_per_sec": p.tokens / p.train_seconds,
-            "supervised_tokens_per_sec": p.supervised_tokens / p.train_seconds,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            "elapsed_sec": p.train_seconds,
-        })
+        s.run.log_metrics(sft.train_record(s, p, {k: v / p.window_n for k, v in p.window_stats.items()}))
         p.window_loss, p.window_n, p.window_stats = 0.0, 0, {}
     if s.valid_set and (p.step % t.val_every == 0 or last):
         _validate(s, p, write)

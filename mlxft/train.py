@@ -654,24 +654,28 @@ def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
     )
 
 
+def train_record(s: Session, p: Progress, extra: dict | None = None) -> dict:
+    """The metrics.jsonl line for the steps since the last one (`extra`: method-specific means)."""
+    return {
+        "step": p.step,
+        "train_loss": p.window_loss / p.window_n,
+        **(extra or {}),
+        "learning_rate": float(s.optimizer.learning_rate.item()),
+        "tokens": p.tokens,
+        "supervised_tokens": p.supervised_tokens,
+        "tokens_per_sec": p.tokens / p.train_seconds,
+        "supervised_tokens_per_sec": p.supervised_tokens / p.train_seconds,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "elapsed_sec": p.train_seconds,
+    }
+
+
 def _after_step(s: Session, p: Progress, write) -> None:
     """Metrics line every report_every steps; validation, best adapter and early stopping every val_every."""
     t = s.recipe.train
     last = p.step == s.steps
     if p.step % t.report_every == 0 or last:
-        s.run.log_metrics(
-            {
-                "step": p.step,
-                "train_loss": p.window_loss / p.window_n,
-                "learning_rate": float(s.optimizer.learning_rate.item()),
-                "tokens": p.tokens,
-                "supervised_tokens": p.supervised_tokens,
-                "tokens_per_sec": p.tokens / p.train_seconds,
-                "supervised_tokens_per_sec": p.supervised_tokens / p.train_seconds,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                "elapsed_sec": p.train_seconds,
-            }
-        )
+        s.run.log_metrics(train_record(s, p))
         p.window_loss, p.window_n = 0.0, 0
     if s.valid_set and (p.step % t.val_every == 0 or last):
         _validate(s, p, write)
