@@ -91,18 +91,24 @@ def list_recipes() -> list[str]:
 
 def recipe_path(name_or_path: str | Path) -> Path:
     """The YAML file for a recipe name ("llama3-3b") or a path to a .yaml file."""
+    return named_yaml(name_or_path, RECIPES_DIR, list_recipes, "Recipe file not found", "Unknown recipe")
+
+
+def named_yaml(name_or_path: str | Path, folder: Path, names, missing_file: str, unknown: str) -> Path:
+    """`folder/<name>.yaml` for a name, or the given .yaml path; ConfigError naming the closest
+    match (`names()` lists them) when there is none."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise ConfigError(f"Recipe file not found: {path}")
+            raise ConfigError(f"{missing_file}: {path}")
         return path
-    path = RECIPES_DIR / f"{text}.yaml"
+    path = folder / f"{text}.yaml"
     if not path.is_file():
-        names = list_recipes()
-        close = difflib.get_close_matches(text, names, n=1)
+        known = names()
+        close = difflib.get_close_matches(text, known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown recipe '{text}'.{hint} Available: {', '.join(names)}")
+        raise ConfigError(f"{unknown} '{text}'.{hint} Available: {', '.join(known)}")
     return path
 
 

@@ -125,21 +125,9 @@ def list_suites(evals_dir: Path = EVALS_DIR) -> list[str]:
 
 def suite_path(name_or_path: str) -> Path:
     """evals/<name>.yaml for a name, or the given .yaml path."""
-    text = str(name_or_path)
-    if text.endswith((".yaml", ".yml")) or "/" in text:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"suite file not found: {path}")
-        return path
-    path = EVALS_DIR / f"{text}.yaml"
-    if not path.is_file():
-        import difflib
+    from mlxft.recipes import named_yaml
 
-        names = list_suites()
-        close = difflib.get_close_matches(text, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown eval suite '{text}'.{hint} Available: {', '.join(names)}")
-    return path
+    return named_yaml(name_or_path, EVALS_DIR, list_suites, "suite file not found", "unknown eval suite")
 
 
 def load_suite(name_or_path: str, data_override: str | Path | None = None) -> Suite:
