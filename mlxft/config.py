@@ -50,6 +50,9 @@ class TrainConfig:
     grad_checkpoint: bool = False
     # Run the prompt prefix every row shares once per batch (mlxft/prefix.py); same loss up to fp rounding.
     shared_prefix: bool = True
+    # Pack each micro-batch's rows end to end (block-diagonal mask, positions restart per row;
+    # mlxft/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint.
+    packing: bool = False
     max_seq_length: int = 512
     max_grad_norm: float | None = 1.0  # clip gradients; None disables
     weight_decay: float = 0.0

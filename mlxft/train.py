@@ -44,6 +44,7 @@ from mlxft.data import Encoded, encode_rows, load_splits
 from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
+from mlxft.packing import PackedLoss, supports_packing
 from mlxft.prefix import SharedPrefixLoss, supports_shared_prefix
 from mlxft.runs import RunDir
 
@@ -178,14 +179,19 @@ def make_loss(model: nn.Module, family: str):
     return loss_fn
 
 
-def validation_loss(model, loss_fn, rows: list[Encoded], batch_size: int, max_batches: int, shared=None) -> float:
-    """Token-weighted mean loss on a fixed subset of the validation split (shared: a SharedPrefixLoss)."""
+def validation_loss(
+    model, loss_fn, rows: list[Encoded], batch_size: int, max_batches: int, shared=None, packed=None
+) -> float:
+    """Token-weighted mean loss on a fixed subset of the validation split (shared: a SharedPrefixLoss,
+    packed: a PackedLoss, which takes the shared prefix itself where it applies)."""
     total, count = 0.0, 0
     n = len(rows) if max_batches < 0 else min(len(rows), batch_size * max_batches)
     for i in range(0, n, batch_size):
         batch = rows[i : i + batch_size]
         prefix_len = shared.prefix_length(batch) if shared is not None else 0
-        if prefix_len:
+        if packed is not None:
+            loss, n_sup = packed.loss(model, batch)
+        elif prefix_len:
             loss, n_sup = shared.loss(model, batch, prefix_len)
         else:
             inputs, targets, idx, _, n_sup = collate(batch)
@@ -314,6 +320,7 @@ class Session:
     order: list[np.ndarray] = dataclasses.field(default_factory=list)  # batch_order of `order_epoch`
     order_epoch: int = -1
     shared: SharedPrefixLoss | None = None  # the shared-prefix forward, where it applies (mlxft/prefix.py)
+    packed: PackedLoss | None = None  # train.packing: rows end to end, no padding (mlxft/packing.py)
 
 
 def check_data(recipe: Recipe, data_dir: Path, log) -> None:
@@ -363,9 +370,16 @@ def _prepare(recipe: Recipe, base: BaseModel, train_set, valid_set, run: RunDir,
     shared = None
     if t.shared_prefix and not t.grad_checkpoint and supports_shared_prefix(model, recipe.model.family):
         shared = SharedPrefixLoss(model, lm_head)
+    # Packed bins of at most max_seq_length tokens. Not with checkpointing: mx.checkpoint recomputes
+    # a block after the forward, when the per-token rope (mlxft/packing.py) is no longer in place.
+    packed = None
+    if t.packing and not t.grad_checkpoint and supports_packing(model, recipe.model.family):
+        packed = PackedLoss(model, lm_head, t.max_seq_length, shared=shared)
+    elif t.packing:
+        log(f"note: train.packing is off for this run (grad_checkpoint, or the {recipe.model.family} family); training unpacked")
     return Session(
         recipe, run, config, adapter_config(recipe, len(model.layers), base), model, optimizer,
-        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log, shared=shared,
+        loss_fn, nn.value_and_grad(model, loss_fn), train_set, valid_set, steps, log, shared=shared, packed=packed,
     )
 
 
@@ -632,6 +646,9 @@ def _train_step(s: Session, p: Progress) -> None:
 
 def _loss_and_grad(s: Session, rows: list[Encoded]):
     """Loss and gradients of one micro-batch, through the shared-prefix forward where it pays."""
+    if s.packed is not None:  # packed bins (with the shared prefix split off where it applies)
+        loss, grads, _, _ = s.packed.loss_and_grad(s.model, rows)
+        return loss, grads
     prefix_len = s.shared.prefix_length(rows) if s.shared is not None else 0
     if prefix_len:
         loss, grads, _, _ = s.shared.loss_and_grad(s.model, rows, prefix_len)
@@ -684,7 +701,7 @@ def _after_step(s: Session, p: Progress, write) -> None:
 def _validate(s: Session, p: Progress, write) -> None:
     t = s.recipe.train
     s.model.eval()
-    evaluate = functools.partial(validation_loss, shared=s.shared)
+    evaluate = functools.partial(validation_loss, shared=s.shared, packed=s.packed)
     p.val_loss = dist.validation_loss(evaluate, s.model, s.loss_fn, s.valid_set, t.batch_size, t.val_batches)
     s.model.train()
     s.run.log_metrics({"step": p.step, "val_loss": p.val_loss})
