@@ -1,0 +1,125 @@
+"""bench/peft_peer.py, the HF PEFT training peer: same batches, masks and counts as mlxft's loop.
+
+The fast tests need no torch. The slow one trains 3 steps on the tiny llama with torch + peft
+(the `bench` extra) and is skipped where they are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+
+from mlxft.checkpoint import Progress
+from mlxft.data import encode_rows, load_splits, load_tokenizer
+from mlxft.recipes import load_recipe
+from mlxft.train import _next_batch, collate
+
+from conftest import SYSTEM
+
+PEER = Path(__file__).resolve().parent.parent / "bench" / "peft_peer.py"
+
+
+def _peer():
+    spec = importlib.util.spec_from_file_location("peft_peer", PEER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(tiny_model, tiny_data):
+    tokenizer, _ = load_tokenizer(str(tiny_model))
+    return encode_rows(tokenizer, load_splits(tiny_data, ("train",))["train"], SYSTEM, 96)
+
+
+class _Session:  # what mlxft.train._next_batch reads of a Session
+    def __init__(self, rows, batch_size, seed):
+        self.recipe = type("R", (), {"train": type("T", (), {"batch_size": batch_size, "seed": seed})()})()
+        self.train_set, self.order, self.order_epoch = rows, [], -1
+
+
+def test_batches_follow_mlxft_order_across_epochs(tiny_model, tiny_data):
+    peer = _peer()
+    rows = _rows(tiny_model, tiny_data)  # 64 rows: 8 batches of 8 per epoch, so 20 steps span 3 epochs
+    s, p = _Session(rows, 8, seed=3), Progress()
+    expected = [_next_batch(s, p) for _ in range(20)]
+    got = peer.batch_indices(np.array([len(e.ids) for e in rows]), 8, 3, 20)
+    assert p.epoch == 2
+    assert [[id(rows[i]) for i in b] for b in got] == [[id(r) for r in b] for b in expected]
+
+
+def test_padded_batch_equals_mlxft_collate(tiny_model, tiny_data):
+    peer = _peer()
+    rows = _rows(tiny_model, tiny_data)
+    batch = sorted(rows[:8], key=lambda e: -len(e.ids))  # different lengths: real padding
+    assert len(batch[0].ids) > len(batch[-1].ids)
+    # a row cut by max_length inside its answer keeps the answer tokens left before the cut
+    tokenizer, first = load_tokenizer(str(tiny_model))[0], load_splits(tiny_data, ("train",))["train"][:1]
+    cut_at = int(np.flatnonzero(encode_rows(tokenizer, first, SYSTEM, None)[0].mask)[1]) + 1
+    batch.append(encode_rows(tokenizer, first, SYSTEM, cut_at)[0])
+    assert batch[-1].mask.sum() == 2
+    got = peer.pad_batch(batch)
+    inputs, targets, idx, n_tokens, n_sup = collate(batch)
+    inputs, targets, idx = np.array(inputs), np.array(targets), np.array(idx)
+    assert np.array_equal(got["input_ids"], inputs)
+    supervised = np.zeros(inputs.size, dtype=bool)
+    supervised[idx] = True
+    supervised = supervised.reshape(inputs.shape)
+    assert np.array_equal(got["labels"] != -100, supervised)
+    assert np.array_equal(got["labels"][supervised], targets[supervised])
+    assert got["tokens"] == n_tokens and got["supervised_tokens"] == n_sup > 0
+    assert got["attention_mask"].sum(axis=1).tolist() == [len(e.ids) - 1 for e in batch]
+
+
+def test_peer_batches_count_what_mlxft_counts(tiny_model, tiny_data):
+    peer = _peer()
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=[f"data.system_prompt={SYSTEM}", "train.max_seq_length=96"])
+    batches = peer.mlxft_batches(tiny_model, recipe, tiny_data, 12)  # 64 rows: epoch 1 starts at step 9
+    rows = _rows(tiny_model, tiny_data)
+    s, p = _Session(rows, recipe.train.batch_size, recipe.train.seed), Progress()
+    for b in batches:
+        ref = _next_batch(s, p)
+        assert b["supervised_tokens"] == sum(int(e.mask[1:].sum()) for e in ref)
+        assert b["tokens"] == sum(len(e.ids) - 1 for e in ref)
+    lrs = peer.learning_rates(recipe, 12)
+    assert lrs[0] == pytest.approx(recipe.train.learning_rate * 0.1)  # the recipe warms up from lr/10
+    assert max(lrs) == pytest.approx(recipe.train.learning_rate, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_peft_peer_trains_three_steps(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    out = tmp_path / "peft.json"
+    sets = [f"data.system_prompt={SYSTEM}", "train.max_seq_length=96", "lora.num_layers=1", "train.learning_rate=1e-3"]
+    cmd = [sys.executable, str(PEER), "--model", str(tiny_model), "--data", str(tiny_data), "--iters", "3",
+           "--window", "1", "--out", str(out)] + [x for s in sets for x in ("--set", s)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["steps_timed"] == 2 and result["seconds"] > 0
+    assert result["supervised_tokens_per_sec"] > 0 and result["tokens_per_sec"] > result["supervised_tokens_per_sec"]
+    assert result["peak_memory_gb"] > 0 and "resident set" in result["peak_memory_definition"]
+    # LoRA on 7 targets of the last block only (rank 8): q/o 8*(64+64), k/v 8*(64+32), gate/up/down 8*(64+128)
+    assert result["trainable_parameters"] == 2 * 1024 + 2 * 768 + 3 * 1536
+    # The first step's loss is the base's (LoRA B starts at zero): it equals mlxft's loss on the same batch.
+    peer = _peer()
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=sets)
+    first = peer.mlxft_batches(tiny_model, recipe, tiny_data, 1)[0]
+    from mlxft.models import load_base
+    from mlxft.train import make_loss
+
+    model = load_base(str(tiny_model)).model
+    labels = first["labels"]
+    idx = np.flatnonzero(labels != -100).astype(np.int32)
+    targets = np.where(labels == -100, 0, labels).astype(np.int32)
+    mlx_loss = make_loss(model, "llama")(model, mx.array(first["input_ids"].astype(np.int32)), mx.array(targets), mx.array(idx))
+    assert result["train_loss"][0] == pytest.approx(mlx_loss.item(), rel=1e-4)
+    assert len(result["train_loss"]) == 3 and all(np.isfinite(result["train_loss"]))
