@@ -191,15 +191,17 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return worst, f"could not read {data_dir} ({error}): assumed max_seq_length rows"
     from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, shared_prefix_length
-    from mlxft.train import batch_order
+    from mlxft.train import batch_order, prefix_groups
 
     lengths = np.array([len(e.ids) for e in rows])
-    order = batch_order(lengths, t.batch_size, t.seed, 0) or [np.arange(min(len(rows), t.batch_size))]
+    shared = t.shared_prefix and not t.grad_checkpoint
+    groups = prefix_groups(rows, t.batch_size) if shared else None  # as training batches them
+    order = batch_order(lengths, t.batch_size, t.seed, 0, groups) or [np.arange(min(len(rows), t.batch_size))]
     best = None
     for b in order:
         batch = [rows[i] for i in b]
         T = max(len(e.ids) for e in batch) - 1
-        P = shared_prefix_length(batch) if t.shared_prefix and not t.grad_checkpoint else 0
+        P = shared_prefix_length(batch) if shared else 0
         P = P if P >= MIN_PREFIX else 0
         S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
         cand = Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch))

@@ -124,18 +124,46 @@ def adapter_config(recipe: Recipe, n_layers: int, base: BaseModel) -> dict:
 # ---------------------------------------------------------------- batches and loss
 
 
-def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled batches of similar-length rows (little padding), deterministic per (seed, epoch)."""
+def batch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """Shuffled batches of similar-length rows (little padding), deterministic per (seed, epoch).
+
+    `groups` (optional, one id per row): within each window rows are ordered by group first, so
+    a batch is drawn from one group wherever the window allows (`prefix_groups`: rows under one
+    system prompt, whose shared prefix then runs once per batch). One group gives the plain order.
+    """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
     window = batch_size * 16  # sort within windows: keeps randomness, cuts padding
     batches = []
     for w in range(0, len(perm), window):
         chunk = perm[w : w + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        if groups is None:
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        else:
+            chunk = chunk[np.lexsort((lengths[chunk], groups[chunk]))]  # stable: by group, then length
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     batches = [b for b in batches if len(b) == batch_size]  # equal batch sizes: steady step cost
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+# Rows whose first PREFIX_KEY ids agree belong to one prefix group (the chat template's system
+# turn opens every row, so one system prompt = one group; two prompts differ within 16 ids).
+PREFIX_KEY = 16
+
+
+def prefix_groups(rows: list[Encoded], batch_size: int) -> np.ndarray:
+    """A group id per row for `batch_order`: rows that start alike (one system prompt) share an id.
+
+    Measured on the default data (two system prompts, 13% replay rows): mixed batches had no
+    shared prefix in 65 of 129 batches (they took the full-row forward); grouped, in 8 of 129.
+    Groups smaller than a batch are pooled into one (-1) so their rows still bucket by length.
+    """
+    keys = [bytes(np.asarray(r.ids[:PREFIX_KEY], dtype=np.int32)) for r in rows]
+    counts: dict[bytes, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    ids = {k: i for i, k in enumerate(sorted(counts))}  # sorted keys: the same ids in every process
+    return np.array([ids[k] if counts[k] >= batch_size else -1 for k in keys])
 
 
 def collate(rows: list[Encoded]):
@@ -596,7 +624,9 @@ def _next_batch(s: Session, p: Progress, length=lambda e: len(e.ids)) -> list:
     (bucketed by `length` of each training item; the preference loop passes a pair's length)."""
     t = s.recipe.train
     if s.order_epoch != p.epoch:
-        s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch)
+        # Batches from one prefix group where the shared-prefix forward can use it.
+        groups = prefix_groups(s.train_set, t.batch_size) if s.shared is not None else None
+        s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch, groups)
         s.order_epoch = p.epoch
     batch = [s.train_set[i] for i in s.order[p.position]]
     p.position += 1

@@ -142,3 +142,36 @@ def test_loss_curve_with_shared_prefix_matches_plain_path(tiny_model, tiny_data,
     assert plain[-1] < plain[0] * 0.8  # the curve actually moves, so the comparison means something
     for a, b in zip(plain, fast):
         assert abs(a - b) <= CURVE_RTOL * abs(a), (a, b)
+
+
+def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data):
+    """Two system prompts mixed: grouped batches come from one prompt (so the shared prefix runs
+    once per batch); with one prompt the grouped order is exactly the plain length-bucketed one."""
+    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.train import batch_order, prefix_groups
+
+    _, tok = _lora_model(tiny_model)
+    raw = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
+           for r in read_chat_jsonl(tiny_data / "train.jsonl")]  # the system prompt comes from encode_rows
+    n, k = len(raw), len(raw) * 2 // 3
+    assert n >= 24
+    rows = encode_rows(tok, raw[:k], SYSTEM, 64) + encode_rows(tok, raw[k:], "Another prompt, quite different.", 64)
+    rows += encode_rows(tok, raw[:3], "A rare prompt.", 64)  # fewer rows than a batch: pooled
+    lengths = np.array([len(r.ids) for r in rows])
+    groups = prefix_groups(rows, 4)
+    assert len(set(groups[:k])) == 1 and len(set(groups[k:n])) == 1 and groups[0] != groups[k]
+    assert set(groups[n:]) == {-1}
+
+    def shared_batches(order):  # prefix tokens computed once per batch instead of per row
+        return sum(shared_prefix_length([rows[i] for i in b]) for b in order)
+
+    plain = batch_order(lengths, 4, seed=0, epoch=1)
+    grouped = batch_order(lengths, 4, seed=0, epoch=1, groups=groups)
+    assert len(grouped) == len(plain)
+    mixed = [b for b in grouped if len(set(groups[b])) > 1]
+    assert len(mixed) <= 2 * (len(rows) // 64 + 1)  # at most a boundary or two per window
+    assert shared_batches(grouped) > 1.2 * shared_batches(plain)
+    again = batch_order(lengths, 4, seed=0, epoch=1, groups=groups)
+    assert all((a == b).all() for a, b in zip(grouped, again))  # deterministic (resume)
+    one = np.zeros(len(rows), dtype=int)
+    assert all((a == b).all() for a, b in zip(batch_order(lengths, 4, 0, 1, one), plain))
