@@ -199,6 +199,7 @@ def summarize(times: list[float], losses: list[float], batches: list[dict], wind
         "supervised_tokens_per_sec": sum(b["supervised_tokens"] for b in timed) / sec,
         "rows_per_sec": rows / sec,
         "train_loss": [float(np.mean(losses[i : i + window])) for i in range(0, len(losses), window)],
+        "step_seconds": np.diff(times).round(3).tolist(),  # steps 2.. (shows a busy machine's stalls)
     }
 
 

@@ -160,7 +160,7 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     from mlxft.models import load_base
     from mlxft.prefix import PAD_MULTIPLE, shared_prefix_length
     from mlxft.recipes import load_recipe
-    from mlxft.train import batch_order
+    from mlxft.train import batch_order, prefix_groups
 
     r = load_recipe(RECIPE, tier=8)
     cfg = json.loads((base / "config.json").read_text())
@@ -172,7 +172,8 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     lora = rk * (4 * D + 2 * (D + KV * hd)) + rk * (2 * (D + F) + (F + D))  # A and B of 7 targets
     tok = load_base(r.model.source).tokenizer
     rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
-    order = batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0)
+    groups = prefix_groups(rows, r.train.batch_size)  # as mlxft train batches them (shared prefix on)
+    order = batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0, groups)
 
     def block(tokens, keys):  # forward FLOPs of one block for `tokens` queries over `keys` keys each
         return 2 * tokens * (lin + lora) + 4 * tokens * keys * H * hd
@@ -195,6 +196,35 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     return float(np.mean(executed)), float(np.mean(full))
 
 
+def peft_unavailable() -> str | None:
+    """Why the HF PEFT peer cannot run here (None when torch, peft and transformers import)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "peft", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (install the bench extra: pip install -e '.[bench]')"
+    return None
+
+
+def run_peft(base: Path, iters: int, work: Path) -> dict:
+    """HF PEFT LoRA on torch CPU (bench/peft_peer.py) in its own process: the second peer.
+
+    Same base folder, rows, masks, batch order, LoRA and optimizer settings as mlxft; timed the
+    same way (first window dropped). Its peak_memory_gb is peak RSS growth of that process, not
+    mlx's allocator peak: the result carries the definition.
+    """
+    out = work / f"peft-{time.time_ns()}.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "peft_peer.py"), "--model", str(base), "--iters", str(iters),
+         "--window", str(WINDOW), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"bench/peft_peer.py exited {proc.returncode}: {' | '.join(tail)}")
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20)
@@ -207,6 +237,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mlxft-bench-"))
     cfg = mlx_lm_config(base, args.iters, work)
     rounds, gflops = [], [matmul_gflops(1024)]
+    peft_reason = peft_unavailable()  # HF PEFT on torch CPU: the second peer, when the bench extra is installed
     for i in range(args.rounds):
         a = run_mlxft(base, args.iters, work, [])
         print(f"round {i + 1} mlxft:        {a['supervised_tokens_per_sec']:.2f} supervised tok/s, "
@@ -214,17 +245,32 @@ def main() -> None:
         b = run_mlx_lm(base, cfg, work)
         print(f"round {i + 1} mlx_lm.lora:  {b['supervised_tokens_per_sec']:.2f} supervised tok/s, "
               f"{b['tokens_per_sec']:.0f} tok/s, peak {b['peak_memory_gb']:.2f} GB", flush=True)
+        c = None
+        if peft_reason is None:
+            try:
+                c = run_peft(base, args.iters, work)
+                print(f"round {i + 1} HF PEFT:      {c['supervised_tokens_per_sec']:.2f} supervised tok/s, "
+                      f"{c['tokens_per_sec']:.0f} tok/s, peak RSS growth {c['peak_memory_gb']:.2f} GB", flush=True)
+            except (RuntimeError, OSError, ValueError) as e:
+                peft_reason = f"the peer failed in round {i + 1}: {e}"
+                print(f"round {i + 1} HF PEFT:      not measured: {peft_reason}", flush=True)
         gflops.append(matmul_gflops(1024))
         rounds.append({"mlxft": a, "mlx_lm_lora": b,
                        "ratio_supervised": a["supervised_tokens_per_sec"] / b["supervised_tokens_per_sec"],
                        "ratio_rows": a["rows_per_sec"] / b["rows_per_sec"],
                        "ratio_total_tokens": a["tokens_per_sec"] / b["tokens_per_sec"],
                        "memory_ratio": a["peak_memory_gb"] / b["peak_memory_gb"]})
+        if c is not None:
+            rounds[-1].update({"hf_peft": c,
+                               "ratio_supervised_vs_peft": a["supervised_tokens_per_sec"] / c["supervised_tokens_per_sec"],
+                               "ratio_total_tokens_vs_peft": a["tokens_per_sec"] / c["tokens_per_sec"],
+                               "memory_ratio_vs_peft_rss_growth": a["peak_memory_gb"] / c["peak_memory_gb"]})
+    peft_rounds = [r for r in rounds if "hf_peft" in r]
     executed, full = step_flops(base, args.iters)
     matmul = statistics.median(gflops) * 1e9
     step_sec = statistics.median(r["mlxft"]["seconds"] / r["mlxft"]["steps_timed"] for r in rounds)
     result = {
-        "what": "mlxft train vs stock mlx_lm.lora, default recipe smollm2-135m (fp32 base, LoRA r8 on 7 targets x 16 layers, "
+        "what": "mlxft train vs stock mlx_lm.lora (and HF PEFT on torch CPU where the bench extra is installed), default recipe smollm2-135m (fp32 base, LoRA r8 on 7 targets x 16 layers, "
                 f"batch 8, max len 256), {args.iters} iterations each, {args.rounds} alternating rounds, first {WINDOW} steps dropped",
         "machine": machine(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -237,14 +283,27 @@ def main() -> None:
         "step_flops_full_rows": full,
         "achieved_fraction_of_matmul": executed / step_sec / matmul,
         "effective_fraction_of_matmul_full_row_flops": full / step_sec / matmul,
-        # HF PEFT on torch CPU is not run here: torch is not installed on the build machines and the
-        # peer runner is not written (OFFLINE.md measured it at ~21 tokens/s on this box).
-        "hf_peft": "not measured by this bench",
+        # HF PEFT on torch CPU (bench/peft_peer.py), from the rounds where it ran; its memory is peak RSS
+        # growth of its process (torch has no CPU allocator peak), the mlx figures are mx.get_peak_memory().
+        "hf_peft": {
+            "rounds_measured": len(peft_rounds),
+            "median_ratio_supervised_tokens_per_sec": statistics.median(r["ratio_supervised_vs_peft"] for r in peft_rounds),
+            "median_ratio_total_tokens_per_sec": statistics.median(r["ratio_total_tokens_vs_peft"] for r in peft_rounds),
+            "memory_definition": peft_rounds[0]["hf_peft"]["peak_memory_definition"],
+            **({"note": f"not measured in every round: {peft_reason}"} if peft_reason else {}),
+        } if peft_rounds else f"HF PEFT not measured: {peft_reason}",
+        "median_ratio_supervised_vs_peft": (
+            statistics.median(r["ratio_supervised_vs_peft"] for r in peft_rounds) if peft_rounds else None),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nsupervised tokens/s ratio mlxft / mlx_lm.lora: {result['median_ratio_supervised_tokens_per_sec']:.2f}x "
           f"(target >= 2.0x); total tokens/s ratio {result['median_ratio_total_tokens_per_sec']:.2f}x; "
           f"peak memory ratio {result['median_memory_ratio']:.2f} (target <= 1.0)")
+    if peft_rounds:
+        print(f"supervised tokens/s ratio mlxft / HF PEFT: {result['median_ratio_supervised_vs_peft']:.2f}x (target >= 4x); "
+              f"total tokens/s ratio {result['hf_peft']['median_ratio_total_tokens_per_sec']:.2f}x")
+    else:
+        print(f"HF PEFT not measured: {peft_reason}")
     print(f"training step: {executed / step_sec / 1e9:.1f} GFLOP/s executed = {result['achieved_fraction_of_matmul']:.0%} of "
           f"measured matmul {matmul / 1e9:.0f} GFLOP/s (target >= 40%); full-row equivalent "
           f"{result['effective_fraction_of_matmul_full_row_flops']:.0%}")
