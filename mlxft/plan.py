@@ -23,6 +23,7 @@ import numpy as np
 
 from mlxft.config import Recipe
 from mlxft.errors import ConfigError
+from mlxft.loss import logits_peak_bytes
 
 # Share of the budget a run may plan to use: the process itself, the OS and the allocator's
 # cache need the rest.
@@ -34,8 +35,6 @@ HEADROOM = 0.9
 ACT_D, ACT_F, ACT_ATTN = 10.7, 4.47, 1.49
 # Extra blocks' worth alive at the peak: the frozen blocks' transients and the backward's temporaries.
 TRANSIENT_BLOCKS = 0.6
-# Logits at supervised positions: logits, their softmax/log-sum-exp and their gradient, fp32.
-LOGIT_COPIES = 3.0
 # Blocks' worth of full activations alive at once under mlx-lm's gradient checkpointing: measured
 # 3.5-5 on 4-block models, i.e. MLX's scheduler recomputes ahead and checkpointing saved little there.
 CHECKPOINT_BLOCKS = 4.0
@@ -241,7 +240,7 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
         activations = (n_train * D + blocks_alive * per_token) * trainable_tokens * a_bytes
     else:
         activations = (n_train + TRANSIENT_BLOCKS) * per_token * trainable_tokens * a_bytes
-    logits = batch.supervised * shape.vocab * 4 * LOGIT_COPIES
+    logits = logits_peak_bytes(batch.supervised, shape.vocab)  # one piece, or chunked (mlxft/loss.py)
     peak = weights + trainable + activations + logits
     step_flops = _step_flops(shape, n_train, lora.rank, batch, t.grad_checkpoint)
     flops = matmul_flops or 0.0

@@ -28,6 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxft.loss import supervised_loss
+
 SHARED_PREFIX_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 
 # Below this many shared tokens the bookkeeping costs more than it saves.
@@ -194,9 +196,7 @@ class SharedPrefixLoss:
 
     def _loss(self, model, prefix_h, frozen_kv, inputs, targets, idx):
         h = shared_hidden(model, self.frozen.first, prefix_h, frozen_kv, inputs)
-        h = h.reshape(-1, h.shape[-1])[idx]
-        ce = nn.losses.cross_entropy(self.head(model, h).astype(mx.float32), targets.reshape(-1)[idx])
-        return ce.sum() / max(int(idx.size), 1)
+        return supervised_loss(model, self.head, h.reshape(-1, h.shape[-1])[idx], targets.reshape(-1)[idx])
 
     def _args(self, rows, prefix_len):
         b = collate_shared(rows, prefix_len)

@@ -45,12 +45,13 @@ from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
 from mlxft.packing import PackedLoss, supports_packing
+from mlxft.loss import supervised_loss
 from mlxft.prefix import SharedPrefixLoss, supports_shared_prefix
 from mlxft.runs import RunDir
 
 # Families whose Model is `lm_head(model(inputs))` (or tied embeddings) with nothing
 # in between, so hidden states can be gathered at supervised positions before the head.
-_SPARSE_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3"}
+_SPARSE_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma3_text"}
 
 # Validations in a row with rising validation loss (while train loss falls) before the
 # overfitting alarm: one or two rises are often noise on a small validation subset.
@@ -196,11 +197,10 @@ def make_loss(model: nn.Module, family: str):
     def loss_fn(model, inputs, targets, idx):
         if sparse:
             h = model.model(inputs)
-            h = h.reshape(-1, h.shape[-1])[idx]
-            logits = lm_head(model, h)
-        else:
-            logits = model(inputs)
-            logits = logits.reshape(-1, logits.shape[-1])[idx]
+            # The head only at supervised positions, chunked when its logits are big (mlxft/loss.py).
+            return supervised_loss(model, lm_head, h.reshape(-1, h.shape[-1])[idx], targets.reshape(-1)[idx])
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[idx]
         ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets.reshape(-1)[idx])
         return ce.sum() / max(int(idx.size), 1)
 
@@ -625,7 +625,7 @@ def _next_batch(s: Session, p: Progress, length=lambda e: len(e.ids)) -> list:
     t = s.recipe.train
     if s.order_epoch != p.epoch:
         # Batches from one prefix group where the shared-prefix forward can use it.
-        groups = prefix_groups(s.train_set, t.batch_size) if s.shared is not None else None
+        groups = prefix_groups(s.train_set, t.batch_size) if getattr(s, "shared", None) is not None else None
         s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch, groups)
         s.order_epoch = p.epoch
     batch = [s.train_set[i] for i in s.order[p.position]]

@@ -1,0 +1,109 @@
+"""The training loss at supervised positions, with the vocabulary projection chunked when it is big.
+
+Every training forward (plain rows, shared prefix, packed bins) ends the same way: final hidden
+states gathered at the supervised positions, the output head, mean cross-entropy. The logits
+there are (supervised tokens x vocabulary) in fp32, plus their softmax and gradient of the same
+size: for a 262k-token vocabulary (Gemma 3) and 2,000 supervised tokens that is ~2 GB per copy,
+more than the rest of a small model's step. Above `CHUNK_BYTES` of logits the head and the
+cross-entropy run over chunks of positions with a hand-written backward (softmax minus one-hot,
+recomputed per chunk), and each chunk waits for the previous one (`mx.depends`), so only one
+chunk's logits are alive at a time, forward or backward. The result is the same sum (fp32
+reduction order aside). The head's weight gradient is built only when something asks for it
+(full fine-tuning); with a frozen head mlx never evaluates it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+# fp32 logits per chunk. Measured (tests/test_loss.py, README): a chunked backward peaks at ~12
+# chunks' worth whatever the number of positions; the one-piece head at 3 copies of all logits.
+CHUNK_BYTES = 16 * 2**20
+CHUNKED_PEAK_CHUNKS = 12
+ONE_PIECE_COPIES = 3
+
+
+def chunk_rows(n_positions: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Positions per chunk: all of them while one piece keeps no more than chunks would
+    (3 x all logits <= 12 x one chunk; for a 49k vocabulary up to 341 positions)."""
+    if n_positions * vocab * 4 * ONE_PIECE_COPIES <= chunk_bytes * CHUNKED_PEAK_CHUNKS:
+        return max(n_positions, 1)
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+def logits_peak_bytes(n_positions: int, vocab: int, chunkable: bool = True) -> int:
+    """Peak bytes the head and loss keep for `n_positions` supervised tokens (for `mlxft plan`)."""
+    step = chunk_rows(n_positions, vocab) if chunkable else n_positions
+    if step >= n_positions:
+        return n_positions * vocab * 4 * ONE_PIECE_COPIES
+    return step * vocab * 4 * CHUNKED_PEAK_CHUNKS
+
+
+def head_weight(model: nn.Module) -> mx.array | None:
+    """The (vocab, dim) matrix the head multiplies by, or None where the head is not a plain
+    bias-free projection (quantized, biased): those heads always run in one piece."""
+    if getattr(model, "lm_head", None) is not None and not getattr(model.args, "tie_word_embeddings", False):
+        head = model.lm_head
+        plain = type(head) is nn.Linear and "bias" not in head
+    else:
+        head = model.model.embed_tokens
+        plain = type(head) is nn.Embedding
+    return head.weight if plain else None
+
+
+def supervised_loss(model: nn.Module, head, h: mx.array, targets: mx.array, chunk_bytes: int = CHUNK_BYTES) -> mx.array:
+    """Mean cross-entropy of `head(model, h)` against `targets`, h: (N, D) at supervised positions."""
+    n = h.shape[0]
+    if n == 0:
+        return mx.array(0.0)
+    weight = head_weight(model)
+    step = n if weight is None else chunk_rows(n, weight.shape[0], chunk_bytes)
+    if step >= n:
+        return nn.losses.cross_entropy(head(model, h).astype(mx.float32), targets).sum() / n
+    return _chunked_ce_sum(step)(h, weight, targets) / n
+
+
+def _chunks(n: int, step: int):
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _logits(hc: mx.array, weight: mx.array) -> mx.array:
+    return (hc @ weight.T).astype(mx.float32)  # what head(model, h).astype(fp32) computes
+
+
+@functools.lru_cache(maxsize=16)
+def _chunked_ce_sum(step: int):
+    """sum_i CE(h_i @ W.T, t_i), computed `step` positions at a time (a custom_function per step)."""
+
+    @mx.custom_function
+    def ce_sum(h, weight, targets):
+        total = None
+        for a, b in _chunks(h.shape[0], step):
+            hc = h[a:b] if total is None else mx.depends([h[a:b]], [total])[0]
+            logits = _logits(hc, weight)
+            picked = mx.take_along_axis(logits, targets[a:b, None], axis=-1).squeeze(-1)
+            part = (mx.logsumexp(logits, axis=-1) - picked).sum()
+            total = part if total is None else total + part
+        return total
+
+    @ce_sum.vjp
+    def ce_sum_vjp(primals, cotangent, output):
+        h, weight, targets = primals
+        dh, dw, prev = [], None, None
+        for a, b in _chunks(h.shape[0], step):
+            hc = h[a:b] if prev is None else mx.depends([h[a:b]], [prev])[0]
+            p = mx.softmax(_logits(hc, weight), axis=-1)
+            t = targets[a:b, None]
+            p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)  # softmax - onehot
+            p = (p * cotangent).astype(h.dtype)
+            prev = p @ weight
+            dh.append(prev)
+            part = p.T @ hc  # evaluated only if the head's weight is trained
+            dw = part if dw is None else dw + part
+        return mx.concatenate(dh, axis=0), dw.astype(weight.dtype), mx.zeros_like(targets)
+
+    return ce_sum

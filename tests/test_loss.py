@@ -1,0 +1,123 @@
+"""The loss at supervised positions: chunked head == one-piece head, at a fraction of the memory;
+the sparse head (hidden states gathered before the head) == the model's own full logits, for the
+llama and gemma3_text families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlxft  # noqa: F401
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxft.loss import CHUNKED_PEAK_CHUNKS, chunk_rows, logits_peak_bytes, supervised_loss
+from mlxft.train import lm_head, make_loss
+
+
+def _llama(vocab: int, tie: bool, seed: int = 0):
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    args = llama.ModelArgs.from_dict({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+        "rope_theta": 10000.0, "tie_word_embeddings": tie,
+    })
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def _gemma3(vocab: int, seed: int = 0):
+    from mlx_lm.models import gemma3_text
+
+    mx.random.seed(seed)
+    args = gemma3_text.ModelArgs.from_dict({
+        "model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": vocab,
+        "query_pre_attn_scalar": 16, "sliding_window": 8, "sliding_window_pattern": 2,
+    })
+    model = gemma3_text.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def _batch(vocab: int, B=3, T=12, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, vocab, (B, T)).astype(np.int32)
+    targets = rng.integers(0, vocab, (B, T)).astype(np.int32)
+    mask = rng.random((B, T)) < 0.4
+    idx = np.flatnonzero(mask).astype(np.int32)
+    return mx.array(inputs), mx.array(targets), mx.array(idx)
+
+
+def _grads_close(a, b, rtol=1e-4):
+    fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
+    assert fa.keys() == fb.keys() and fa
+    for k in fa:
+        scale = float(mx.abs(fb[k]).max().item()) + 1e-12
+        assert float(mx.abs(fa[k] - fb[k]).max().item()) <= rtol * scale, k
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_head_equals_one_piece_with_gradients(tie):
+    """Full fine-tuning (every weight trainable, the head included): same loss and gradients."""
+    vocab = 512
+    model = _llama(vocab, tie)
+    h = mx.random.normal((40, 32))
+    targets = mx.array(np.random.default_rng(1).integers(0, vocab, 40).astype(np.int32))
+    chunk = 7 * 4 * vocab  # 7 positions per chunk: 6 chunks, the last one short
+
+    def loss(model, h, chunk_bytes):
+        return supervised_loss(model, lm_head, h, targets, chunk_bytes)
+
+    assert chunk_rows(40, vocab, chunk) == 7
+    one, g_one = nn.value_and_grad(model, lambda m, h: loss(m, h, 2**40))(model, h)
+    many, g_many = nn.value_and_grad(model, lambda m, h: loss(m, h, chunk))(model, h)
+    assert abs(one.item() - many.item()) <= 1e-5 * abs(one.item())
+    _grads_close(g_many, g_one)
+    # and the gradient with respect to the hidden states (what LoRA below the head receives)
+    gh_one = mx.grad(lambda h: loss(model, h, 2**40))(h)
+    gh_many = mx.grad(lambda h: loss(model, h, chunk))(h)
+    assert float(mx.abs(gh_one - gh_many).max().item()) <= 1e-5 * float(mx.abs(gh_one).max().item())
+
+
+def test_chunked_head_keeps_less_memory():
+    """A big vocabulary with many supervised positions: the chunked backward peaks far lower."""
+    vocab, n = 16384, 1024  # one-piece logits: 64 MiB fp32, plus softmax and gradient
+    model = _llama(vocab, tie=True)
+    model.freeze()  # LoRA-style: the head is frozen; the gradient flows to the hidden states
+    h = mx.random.normal((n, 32))
+    targets = mx.array(np.random.default_rng(2).integers(0, vocab, n).astype(np.int32))
+    mx.eval(h, targets)
+
+    def peak(chunk_bytes):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        g = mx.grad(lambda h: supervised_loss(model, lm_head, h, targets, chunk_bytes))(h)
+        mx.eval(g)
+        return mx.get_peak_memory() - base, g
+
+    full, g_full = peak(2**40)
+    chunked, g_chunked = peak(4 * 2**20)  # 4 MiB of logits per chunk: 64 positions
+    assert full > 64 * 2**20  # the one-piece logits really were materialised
+    assert chunked < 0.35 * full, (chunked, full)
+    assert float(mx.abs(g_full - g_chunked).max().item()) <= 1e-5 * float(mx.abs(g_full).max().item())
+    # What `mlxft plan` assumes for the head (mlxft/loss.py's measured constants), both ways.
+    assert 0.8 <= full / logits_peak_bytes(n, vocab, chunkable=False) <= 1.15
+    assert chunked <= 1.15 * CHUNKED_PEAK_CHUNKS * 4 * 2**20
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_sparse_head_loss_equals_full_logits(family):
+    """The loss that runs the head only at supervised positions == cross-entropy of the model's logits."""
+    vocab = 300
+    model = _gemma3(vocab) if family == "gemma3_text" else _llama(vocab, tie=False)
+    inputs, targets, idx = _batch(vocab)
+    fast = make_loss(model, family)(model, inputs, targets, idx)
+    logits = model(inputs).reshape(-1, vocab)[idx]
+    ref = nn.losses.cross_entropy(logits.astype(mx.float32), targets.reshape(-1)[idx]).mean()
+    assert abs(fast.item() - ref.item()) <= 1e-5 * abs(ref.item())
