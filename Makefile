@@ -98,3 +98,4 @@ bench: setup
 	@$(BIN)/python -c "import torch, peft" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]' || \
 	  echo "WARNING: could not install the bench extra (torch CPU + peft); HF PEFT will not be measured"
 	$(BIN)/python bench/train_bench.py  # training: mlxft train vs stock mlx_lm.lora (target >= 2x supervised tokens/s) and HF PEFT (>= 4x), alternating
+	$(BIN)/python bench/speed_ablation.py  # which speed ideas pay: shared prefix, grouped batches, packing, mx.compile, BLAS threads
