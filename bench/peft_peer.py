@@ -6,10 +6,11 @@ Needs the `bench` extra (torch CPU + peft): pip install -e '.[bench]'.
 It trains what `mlxft train` trains, the way a PEFT user would: the same fp32 base folder
 (loaded with transformers' AutoModelForCausalLM in float32), LoRA with the recipe's rank,
 scale (peft's lora_alpha = scale x rank), dropout and targets on the last `lora.num_layers`
-blocks only (peft's layers_to_transform), AdamW at the recipe's learning rate with mlxft's own
-schedule values, gradient clipping and weight decay. The rows, their token masks and the batch
-order are mlxft's own (encode_rows, batch_order), so every step sees the same tokens as mlxft's
-step of the same index; batches are right-padded, labels -100 outside the supervised positions.
+blocks only (peft's layers_to_transform), and torch's AdamW taking mlxft's AdamW steps (the
+recipe's learning rate and schedule, mlx's missing bias correction, gradient clipping, weight
+decay). The rows, their token masks and the batches are mlxft's own (encode_rows, and its
+loop's _next_batch), so every step sees the same rows as mlxft's step of the same index;
+batches are right-padded, labels -100 outside the supervised positions.
 Timing and counts follow the other peers: the first reporting window is dropped as warm-up;
 supervised tokens are the answer's tokens and its end-of-turn token (mlxft's mask).
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -43,22 +45,6 @@ MEMORY_DEFINITION = (
 
 
 # ---------------------------------------------------------------- mlxft's rows and batches (no torch)
-
-
-def batch_indices(lengths: np.ndarray, batch_size: int, seed: int, iters: int) -> list[np.ndarray]:
-    """Row indices of the first `iters` training batches, in the order `mlxft train` takes them
-    (mlxft.train.batch_order per epoch, epochs following each other)."""
-    from mlxft.train import batch_order
-
-    out: list[np.ndarray] = []
-    epoch = 0
-    while len(out) < iters:
-        order = batch_order(lengths, batch_size, seed, epoch)
-        if not order:
-            raise SystemExit(f"{len(lengths)} training rows: fewer than one batch of {batch_size}")
-        out += order
-        epoch += 1
-    return out[:iters]
 
 
 def pad_batch(rows) -> dict:
@@ -83,15 +69,39 @@ def pad_batch(rows) -> dict:
     }
 
 
+class _BatchSource:
+    """What mlxft.train._next_batch reads of a training Session: the peer draws its batches
+    through mlxft's own function, so it follows mlxft's order whatever that order becomes."""
+
+    def __init__(self, recipe, rows, shared_prefix: bool):
+        self.recipe, self.train_set, self.order, self.order_epoch = recipe, rows, [], -1
+        # mlxft draws a batch from one system prompt where its shared-prefix forward runs
+        self.shared = object() if shared_prefix else None
+
+
+def mlxft_uses_shared_prefix(recipe) -> bool:
+    """Whether `mlxft train` runs this recipe through its shared-prefix forward (which changes
+    how it groups rows into batches). mlxft also refuses sliding-window models; the families
+    it accepts have none."""
+    from mlxft.prefix import SHARED_PREFIX_FAMILIES
+
+    t = recipe.train
+    return bool(t.shared_prefix and not t.grad_checkpoint and recipe.model.family in SHARED_PREFIX_FAMILIES)
+
+
 def mlxft_batches(model: Path, recipe, data_dir: Path, iters: int) -> list[dict]:
-    """The first `iters` padded training batches `mlxft train RECIPE --model MODEL` would take."""
+    """The first `iters` padded training batches `mlxft train RECIPE --model MODEL` takes."""
+    from mlxft.checkpoint import Progress
     from mlxft.data import encode_rows, load_splits, load_tokenizer
+    from mlxft.train import _next_batch
 
     t = recipe.train
     tokenizer, _ = load_tokenizer(str(model))
     rows = encode_rows(tokenizer, load_splits(data_dir, ("train",))["train"], recipe.data.system_prompt, t.max_seq_length)
-    order = batch_indices(np.array([len(e.ids) for e in rows]), t.batch_size, t.seed, iters)
-    return [pad_batch([rows[i] for i in b]) for b in order]
+    if len(rows) < t.batch_size:
+        raise SystemExit(f"{data_dir}: {len(rows)} training rows, fewer than batch_size={t.batch_size}")
+    source, progress = _BatchSource(recipe, rows, mlxft_uses_shared_prefix(recipe)), Progress()
+    return [pad_batch(_next_batch(source, progress)) for _ in range(iters)]
 
 
 def learning_rates(recipe, iters: int) -> list[float]:
@@ -167,9 +177,10 @@ def train(model, batches: list[dict], lrs: list[float], recipe) -> tuple[list[fl
 
     t = recipe.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lrs[0], weight_decay=t.weight_decay)
+    b1, b2 = 0.9, 0.999  # mlx's and torch's AdamW defaults alike
+    optimizer = torch.optim.AdamW(params, lr=lrs[0], betas=(b1, b2), eps=1e-8, weight_decay=t.weight_decay)
     times, losses = [], []
-    for batch, lr in zip(batches, lrs):
+    for step, (batch, lr) in enumerate(zip(batches, lrs), 1):
         logits = model(input_ids=torch.from_numpy(batch["input_ids"]),
                        attention_mask=torch.from_numpy(batch["attention_mask"]), use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(batch["labels"]).flatten(),
@@ -177,8 +188,12 @@ def train(model, batches: list[dict], lrs: list[float], recipe) -> tuple[list[fl
         loss.backward()
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        # mlxft's optimizer (mlx's AdamW) has no bias correction, torch's has: the learning rate
+        # x (1 - b1^t) / sqrt(1 - b2^t) makes torch take mlx's step (eps aside), the weight decay
+        # divided by the same factor keeps mlx's decay of lr x weight_decay.
+        c = (1 - b1**step) / math.sqrt(1 - b2**step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"], group["weight_decay"] = lr * c, t.weight_decay / c
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -218,6 +233,11 @@ def main() -> None:
     # Stock torch uses its own MKL; mlxft is imported only for the rows and the batch order,
     # so it must not preload OpenBLAS into this process (mlx does no work here).
     os.environ["MLXFT_BLAS"] = "none"
+    # OpenMP's default spin-waiting stalls torch's threads whenever another process holds a core:
+    # on the shared 2-core box at load ~5 the same steps ran at 22 tokens/s spinning vs 128 passive.
+    # Passive waiting gives the peer its best on a shared machine (set OMP_WAIT_POLICY to override).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    load_at_start = os.getloadavg()
     import torch
     from mlxft.recipes import load_recipe
 
@@ -244,7 +264,8 @@ def main() -> None:
         "peak_memory_definition": MEMORY_DEFINITION + ("" if reset else " (peak not reset after loading: includes the load)"),
         "trainable_parameters": trainable,
         "torch": torch.__version__, "peft": _version("peft"), "transformers": _version("transformers"),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
     })
     text = json.dumps(result, indent=1)
     if args.out:

@@ -216,7 +216,7 @@ def run_peft(base: Path, iters: int, work: Path) -> dict:
     out = work / f"peft-{time.time_ns()}.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "peft_peer.py"), "--model", str(base), "--iters", str(iters),
-         "--window", str(WINDOW), "--out", str(out)],
+         "--window", str(WINDOW), "--out", str(out), "--set", "train.warmup_steps=0"],  # as run_mlxft sets it
         cwd=ROOT, capture_output=True, text=True,
     )
     if proc.returncode != 0:
@@ -270,7 +270,8 @@ def main() -> None:
     matmul = statistics.median(gflops) * 1e9
     step_sec = statistics.median(r["mlxft"]["seconds"] / r["mlxft"]["steps_timed"] for r in rounds)
     result = {
-        "what": "mlxft train vs stock mlx_lm.lora (and HF PEFT on torch CPU where the bench extra is installed), default recipe smollm2-135m (fp32 base, LoRA r8 on 7 targets x 16 layers, "
+        "what": "mlxft train vs stock mlx_lm.lora (and HF PEFT on torch CPU where the bench extra is installed), "
+                "default recipe smollm2-135m (fp32 base, LoRA r8 on 7 targets x 16 layers, "
                 f"batch 8, max len 256), {args.iters} iterations each, {args.rounds} alternating rounds, first {WINDOW} steps dropped",
         "machine": machine(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),

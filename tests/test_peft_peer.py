@@ -18,10 +18,9 @@ import pytest
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlxft.checkpoint import Progress
 from mlxft.data import encode_rows, load_splits, load_tokenizer
 from mlxft.recipes import load_recipe
-from mlxft.train import _next_batch, collate
+from mlxft.train import collate
 
 from conftest import SYSTEM
 
@@ -38,22 +37,6 @@ def _peer():
 def _rows(tiny_model, tiny_data):
     tokenizer, _ = load_tokenizer(str(tiny_model))
     return encode_rows(tokenizer, load_splits(tiny_data, ("train",))["train"], SYSTEM, 96)
-
-
-class _Session:  # what mlxft.train._next_batch reads of a Session
-    def __init__(self, rows, batch_size, seed):
-        self.recipe = type("R", (), {"train": type("T", (), {"batch_size": batch_size, "seed": seed})()})()
-        self.train_set, self.order, self.order_epoch = rows, [], -1
-
-
-def test_batches_follow_mlxft_order_across_epochs(tiny_model, tiny_data):
-    peer = _peer()
-    rows = _rows(tiny_model, tiny_data)  # 64 rows: 8 batches of 8 per epoch, so 20 steps span 3 epochs
-    s, p = _Session(rows, 8, seed=3), Progress()
-    expected = [_next_batch(s, p) for _ in range(20)]
-    got = peer.batch_indices(np.array([len(e.ids) for e in rows]), 8, 3, 20)
-    assert p.epoch == 2
-    assert [[id(rows[i]) for i in b] for b in got] == [[id(r) for r in b] for b in expected]
 
 
 def test_padded_batch_equals_mlxft_collate(tiny_model, tiny_data):
@@ -79,19 +62,51 @@ def test_padded_batch_equals_mlxft_collate(tiny_model, tiny_data):
     assert got["attention_mask"].sum(axis=1).tolist() == [len(e.ids) - 1 for e in batch]
 
 
-def test_peer_batches_count_what_mlxft_counts(tiny_model, tiny_data):
+def _two_prompt_data(tiny_data: Path, out: Path) -> Path:
+    """tiny_data with a second system prompt on every third training row (two prefix groups)."""
+    out.mkdir()
+    rows = [json.loads(x) for x in (tiny_data / "train.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["messages"][0]["content"] = "Mark the message."  # about as long: lengths do not sort the groups apart
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "valid.jsonl").write_text((tiny_data / "valid.jsonl").read_text())
+    return out
+
+
+def test_peer_batches_are_the_rows_mlxft_trains_on(tiny_model, tiny_data, tmp_path):
+    from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
+    from mlxft.train import train
+
     peer = _peer()
-    recipe = load_recipe("smollm2-135m", tier=8, overrides=[f"data.system_prompt={SYSTEM}", "train.max_seq_length=96"])
-    batches = peer.mlxft_batches(tiny_model, recipe, tiny_data, 12)  # 64 rows: epoch 1 starts at step 9
-    rows = _rows(tiny_model, tiny_data)
-    s, p = _Session(rows, recipe.train.batch_size, recipe.train.seed), Progress()
-    for b in batches:
-        ref = _next_batch(s, p)
-        assert b["supervised_tokens"] == sum(int(e.mask[1:].sum()) for e in ref)
-        assert b["tokens"] == sum(len(e.ids) - 1 for e in ref)
+    data = _two_prompt_data(tiny_data, tmp_path / "data")
+    recipe = Recipe(
+        name="tiny", model=ModelConfig(source=str(tiny_model), family="llama"),
+        lora=LoraConfig(targets=["self_attn.q_proj"], rank=4, alpha=8, num_layers=1),
+        train=TrainConfig(iters=12, batch_size=8, max_seq_length=96, val_every=1000, val_batches=1,
+                          report_every=1, save_every=0, seed=5),  # 8 batches an epoch: 12 steps span two
+        data=DataConfig(path=str(data), system_prompt=SYSTEM),
+    )
+    run = train(recipe, runs_root=tmp_path / "runs", log=lambda *_: None).run.root
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "tokens" in m]
+    mlxft_counts = np.diff([[0, 0]] + [[m["tokens"], m["supervised_tokens"]] for m in steps], axis=0).tolist()
+
+    batches = peer.mlxft_batches(tiny_model, recipe, data, 12)
+    assert [[b["tokens"], b["supervised_tokens"]] for b in batches] == mlxft_counts
+    # the comparison tells orders apart: mlxft's plain order (no shared prefix) is another one
+    plain = peer.mlxft_batches(tiny_model, Recipe(**{**recipe.__dict__, "train": TrainConfig(
+        **{**recipe.train.__dict__, "shared_prefix": False})}), data, 12)
+    assert [[b["tokens"], b["supervised_tokens"]] for b in plain] != mlxft_counts
+
+
+def test_learning_rates_are_mlxft_schedule():
+    peer = _peer()
+    recipe = load_recipe("smollm2-135m", tier=8)
     lrs = peer.learning_rates(recipe, 12)
     assert lrs[0] == pytest.approx(recipe.train.learning_rate * 0.1)  # the recipe warms up from lr/10
     assert max(lrs) == pytest.approx(recipe.train.learning_rate, rel=1e-6)
+    assert lrs[-1] < lrs[10]  # cosine decay after the 10 warm-up steps
 
 
 @pytest.mark.slow
