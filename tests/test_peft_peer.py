@@ -109,6 +109,15 @@ def test_learning_rates_are_mlxft_schedule():
     assert lrs[-1] < lrs[10]  # cosine decay after the 10 warm-up steps
 
 
+def test_bench_says_why_peft_is_not_measured(monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_bench", PEER.parent / "train_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    assert bench.peft_unavailable() == "peft not installed (install the bench extra: pip install -e '.[bench]')"
+
+
 @pytest.mark.slow
 def test_peft_peer_trains_three_steps(tiny_model, tiny_data, tmp_path):
     pytest.importorskip("torch")
