@@ -116,8 +116,11 @@ def learning_rates(recipe, iters: int) -> list[float]:
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no /proc (macOS): the peak so far, an upper bound of the current size
+        return _peak_rss_bytes()
 
 
 def _reset_peak_rss() -> bool:
