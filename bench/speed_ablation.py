@@ -16,6 +16,7 @@ seconds per step, peak memory, and the ratio to the default configuration. Varia
 - packed: the default + rows packed end to end (train.packing)
 - compiled: the default with the loss-and-gradient function under `mx.compile`
 - 1 BLAS thread: the default with OpenBLAS limited to one thread (Linux only)
+- stock SiLU: the default with mlx's own SiLU instead of mlxft's fast CPU one (train.fast_silu)
 
 Results go to bench/ablation.json with the machine description.
 """
@@ -52,8 +53,8 @@ def blas_threads(n: int) -> bool:
 
 
 class Variant:
-    def __init__(self, name, grouped, step):
-        self.name, self.grouped, self.step = name, grouped, step
+    def __init__(self, name, grouped, step, fast_silu=True):
+        self.name, self.grouped, self.step, self.fast_silu = name, grouped, step, fast_silu
         self.wall, self.cpu, self.tokens, self.supervised, self.steps, self.peak = 0.0, 0.0, 0, 0, 0, 0
 
 
@@ -66,6 +67,7 @@ def main() -> None:
 
     from train_bench import machine
     from mlxft.data import encode_rows, load_splits
+    from mlxft.fastmath import fast_activations
     from mlxft.models import load_base
     from mlxft.packing import PackedLoss
     from mlxft.prefix import SharedPrefixLoss
@@ -117,6 +119,7 @@ def main() -> None:
         Variant("default + packing", True, with_packing),
         Variant("default + mx.compile", True, lambda b: with_prefix(b, compiled=True)),
     ]
+    variants.append(Variant("default, stock SiLU", True, with_prefix, fast_silu=False))
     can_thread = blas_threads(2)
     if can_thread:
         variants.append(Variant("default, 1 BLAS thread", True, with_prefix))
@@ -125,7 +128,14 @@ def main() -> None:
         if v.name.endswith("1 BLAS thread"):
             blas_threads(1)
         mx.reset_peak_memory()
-        for batch in batches(sample, v.grouped, round_):
+        with fast_activations(v.fast_silu):
+            train_batches(v, batches(sample, v.grouped, round_), timed)
+        v.peak = max(v.peak, mx.get_peak_memory())
+        if can_thread:
+            blas_threads(2)
+
+    def train_batches(v: Variant, todo: list, timed: bool) -> None:
+        for batch in todo:
             tic, cpu = time.perf_counter(), time.process_time()
             loss, grads = v.step(batch)
             opt.update(model, grads)
@@ -136,9 +146,6 @@ def main() -> None:
                 v.tokens += sum(len(e.ids) - 1 for e in batch)
                 v.supervised += sum(int(e.mask[1:].sum()) for e in batch)
                 v.steps += 1
-        v.peak = max(v.peak, mx.get_peak_memory())
-        if can_thread:
-            blas_threads(2)
 
     rng = np.random.default_rng(1234)
     warm = rng.choice(len(rows), 2 * t.batch_size, replace=False)

@@ -53,6 +53,9 @@ class TrainConfig:
     # Pack each micro-batch's rows end to end (block-diagonal mask, positions restart per row;
     # mlxft/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint.
     packing: bool = False
+    # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/fastmath.py):
+    # mlx's CPU exp is scalar and cost more than the MLP's matmuls. Same values to fp32 rounding.
+    fast_silu: bool = True
     max_seq_length: int = 512
     max_grad_norm: float | None = 1.0  # clip gradients; None disables
     weight_decay: float = 0.0

@@ -45,6 +45,7 @@ from mlxft.checkpoint import (
 )
 from mlxft.config import PreferenceConfig, Recipe
 from mlxft.data import Encoded, Rendered, encode_rendered, render_row
+from mlxft.fastmath import fast_activations
 from mlxft.errors import DataError, MlxftError
 from mlxft.models import BaseModel, load_base
 from mlxft.runs import RunDir
@@ -455,7 +456,8 @@ def _run(s: PrefSession, p: PrefProgress) -> sft.TrainResult:
     mx.reset_peak_memory()
     bar = tqdm(total=s.steps, initial=p.step, desc=t.method, unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        with sft._grad_checkpointing(s.model, t.grad_checkpoint), sft._deferred_sigint() as interrupted:
+        with sft._grad_checkpointing(s.model, t.grad_checkpoint), fast_activations(t.fast_silu), \
+                sft._deferred_sigint() as interrupted:
             while p.step < s.steps and not p.stop_reason:
                 _train_step(s, p)
                 bar.update(1)

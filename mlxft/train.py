@@ -45,6 +45,7 @@ from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
 from mlxft.packing import PackedLoss, supports_packing
+from mlxft.fastmath import fast_activations
 from mlxft.loss import supervised_loss
 from mlxft.prefix import SharedPrefixLoss, supports_shared_prefix
 from mlxft.runs import RunDir
@@ -542,7 +543,8 @@ def _run(s: Session, p: Progress) -> TrainResult:
     mx.reset_peak_memory()
     bar = tqdm(total=s.steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     try:
-        with _grad_checkpointing(s.model, t.grad_checkpoint), _deferred_sigint() as interrupted:
+        with _grad_checkpointing(s.model, t.grad_checkpoint), fast_activations(t.fast_silu), \
+                _deferred_sigint() as interrupted:
             while p.step < s.steps and not p.stop_reason:
                 _train_step(s, p)
                 bar.update(1)
