@@ -80,3 +80,30 @@ def test_loss_curve_with_fast_silu_matches_stock(tiny_model, tiny_data, tmp_path
     assert stock[-1] < stock[0] * 0.8  # the curve moves, so the comparison means something
     for a, b in zip(stock, fast):
         assert abs(a - b) <= 1e-3 * abs(a), (a, b)
+
+
+def test_gelu_approx_and_a_gemma3_forward_equal_stock():
+    from mlx_lm.models import gemma3_text
+
+    from mlxft.fastmath import gelu_approx
+
+    x = mx.array(np.linspace(-60, 60, 100001).astype(np.float32))
+    ref = nn.gelu_approx(x)
+    assert float(mx.abs(gelu_approx(x) - ref).max().item()) <= 2e-6 * float(mx.abs(ref).max().item())
+    g_ref = mx.grad(lambda v: (nn.gelu_approx(v) * mx.cos(v)).sum())(x)
+    g_got = mx.grad(lambda v: (gelu_approx(v) * mx.cos(v)).sum())(x)
+    assert float(mx.abs(g_got - g_ref).max().item()) < 1e-5
+
+    mx.random.seed(3)
+    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict({
+        "model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300,
+        "query_pre_attn_scalar": 16, "sliding_window": 8, "sliding_window_pattern": 2}))
+    inputs = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    stock = nn.gelu_approx
+    ref = model(inputs)
+    with fast_activations():
+        assert nn.gelu_approx is not stock
+        fast = model(inputs)
+    assert nn.gelu_approx is stock
+    assert float(mx.abs(fast - ref).max().item()) <= 1e-5 * float(mx.abs(ref).max().item())
