@@ -36,8 +36,11 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 
 def overrides(tiny_model, dropout=0.0):
+    # lr 1.5e-3: at 3e-3 this tiny model's loss spikes (step 12) and amplifies fp rounding to ~2e-3
+    # by step 20 whatever the sharding (measured: the same one-rank run with mlxft's fast SiLU vs
+    # mlx's differed by 2.4e-3), which is the tolerance below; at 1.5e-3 the curves stay smooth.
     return [f"model.source={tiny_model}", f"train.iters={ITERS}", f"train.save_every={SAVE_EVERY}",
-            "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_steps=5", "train.val_every=20",
+            "train.batch_size=8", "train.learning_rate=1.5e-3", "train.warmup_steps=5", "train.val_every=20",
             "train.val_batches=2", "train.keep_checkpoints=2", "lora.num_layers=2", "lora.rank=4",
             f"lora.dropout={dropout}", "train.max_seq_length=64", "train.report_every=1"]
 
