@@ -1,9 +1,9 @@
-"""Training speed: `mlxft train` vs stock `mlx_lm.lora`, alternating, same base, data, LoRA and BLAS.
+"""Training speed: `mlxft train` vs stock `mlx_lm.lora` (and HF PEFT on torch CPU), alternating, same base, data, LoRA.
 
 Run: make bench   (or: .venv/bin/python bench/train_bench.py [--iters N] [--rounds R])
 
 Same base (the bundled SmolLM2-135M, dequantized to fp32, as an mlx-lm folder both load), same
-data (datasets/commit-type), LoRA rank/scale/targets/layers, batch size, max length, learning
+data (the default recipe's, datasets/commit-type-replay), LoRA rank/scale/targets/layers, batch size, max length, learning
 rate and iterations, same BLAS (mlx_lm.lora runs through `python -c "import mlxft; ..."`, so
 OpenBLAS is preloaded exactly as for mlxft). The tools alternate, each in its own subprocess of
 this one, `--rounds` times; the first reporting window of each run (warm-up, compilation) is
@@ -11,6 +11,12 @@ dropped. Throughput is reported as measured and as ratios within a round, becaus
 is shared. Supervised tokens are counted with one definition for both tools: the answer's tokens
 and its end-of-turn token (mlx-lm's own count adds the newline after it and one padding target
 per row; it is reported too). Results go to bench/results.json with the machine description.
+
+When torch and peft import (the optional `bench` extra), HF PEFT on PyTorch CPU runs in each round
+too (bench/peft_peer.py: the same fp32 folder, LoRA, rows, masks, batch order and AdamW steps;
+its memory is peak RSS growth, the mlx tools' is mx.get_peak_memory). The step's achieved FLOP/s
+(matmul FLOPs of the work mlxft executes) is reported against fp32 matmul FLOP/s measured in the
+same run, as `mlxft doctor` measures it.
 """
 
 from __future__ import annotations
