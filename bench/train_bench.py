@@ -40,6 +40,7 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "smollm2-135m"
 WINDOW = 5  # steps per reporting window
+DOCTOR_MATMUL_N = 2048  # `mlxft doctor` measures fp32 2048 x 2048 matmuls (mlxft/doctor.py collect)
 
 # mlx_lm.lora with a counting wrapper around its batch iterator: the compute is stock; we only
 # record each training batch's real tokens, mlx-lm's supervised count and ours (answer + <|im_end|>).
@@ -242,7 +243,7 @@ def main() -> None:
     base = base_folder()
     work = Path(tempfile.mkdtemp(prefix="mlxft-bench-"))
     cfg = mlx_lm_config(base, args.iters, work)
-    rounds, gflops = [], [matmul_gflops(1024)]
+    rounds, gflops = [], [matmul_gflops(DOCTOR_MATMUL_N)]
     peft_reason = peft_unavailable()  # HF PEFT on torch CPU: the second peer, when the bench extra is installed
     for i in range(args.rounds):
         a = run_mlxft(base, args.iters, work, [])
@@ -260,7 +261,7 @@ def main() -> None:
             except (RuntimeError, OSError, ValueError) as e:
                 peft_reason = f"the peer failed in round {i + 1}: {e}"
                 print(f"round {i + 1} HF PEFT:      not measured: {peft_reason}", flush=True)
-        gflops.append(matmul_gflops(1024))
+        gflops.append(matmul_gflops(DOCTOR_MATMUL_N))
         rounds.append({"mlxft": a, "mlx_lm_lora": b,
                        "ratio_supervised": a["supervised_tokens_per_sec"] / b["supervised_tokens_per_sec"],
                        "ratio_rows": a["rows_per_sec"] / b["rows_per_sec"],
@@ -285,7 +286,7 @@ def main() -> None:
         "median_ratio_supervised_tokens_per_sec": statistics.median(r["ratio_supervised"] for r in rounds),
         "median_ratio_total_tokens_per_sec": statistics.median(r["ratio_total_tokens"] for r in rounds),
         "median_memory_ratio": statistics.median(r["memory_ratio"] for r in rounds),
-        "matmul_gflops_fp32_1024": gflops,
+        "matmul_gflops_fp32_doctor": gflops,  # the same n x n matmul `mlxft doctor` measures
         "step_flops_executed": executed,
         "step_flops_full_rows": full,
         "achieved_fraction_of_matmul": executed / step_sec / matmul,
