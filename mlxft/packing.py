@@ -31,6 +31,7 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxft.loss import supervised_loss
 from mlxft.prefix import SHARED_PREFIX_FAMILIES, SharedPrefixLoss, _Capture, _Prefixed
 
 PACKING_FAMILIES = SHARED_PREFIX_FAMILIES
@@ -203,7 +204,7 @@ class PackedLoss:
     """Loss (and gradients) of a micro-batch through the packed forward.
 
     The same quantity as `train.make_loss` on padded rows: mean cross-entropy over the supervised
-    positions, with the head (`head(model, h)`) run only there. With `shared` (a SharedPrefixLoss)
+    positions, with the head (`head(model, h)`) run only there (chunked where big: mlxft/loss.py). With `shared` (a SharedPrefixLoss)
     batches whose rows share a long enough prefix take the packed shared-prefix forward.
     `capacity`: the most tokens per bin (the recipe's max_seq_length in training).
     """
@@ -216,9 +217,7 @@ class PackedLoss:
         self._shared_grad = nn.value_and_grad(model, self._shared_loss)
 
     def _ce(self, model, h, targets, idx):
-        h = h.reshape(-1, h.shape[-1])[idx]
-        ce = nn.losses.cross_entropy(self.head(model, h).astype(mx.float32), targets.reshape(-1)[idx])
-        return ce.sum() / max(int(idx.size), 1)
+        return supervised_loss(model, self.head, h.reshape(-1, h.shape[-1])[idx], targets.reshape(-1)[idx])
 
     def _plain_loss(self, model, inputs, targets, idx, positions, mask):
         return self._ce(model, packed_hidden(model, inputs, positions, mask), targets, idx)
