@@ -167,9 +167,9 @@ def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data)
 
     plain = batch_order(lengths, 4, seed=0, epoch=1)
     grouped = batch_order(lengths, 4, seed=0, epoch=1, groups=groups)
-    assert len(grouped) == len(plain)
-    mixed = [b for b in grouped if len(set(groups[b])) > 1]
-    assert len(mixed) <= 2 * (len(rows) // 64 + 1)  # at most a boundary or two per window
+    # each group's last partial batch waits for another epoch: at most one batch per group fewer
+    assert len(plain) - 3 <= len(grouped) <= len(plain)
+    assert all(len(set(groups[b])) == 1 for b in grouped)  # no batch mixes system prompts
     assert shared_batches(grouped) > 1.2 * shared_batches(plain)
     again = batch_order(lengths, 4, seed=0, epoch=1, groups=groups)
     assert all((a == b).all() for a, b in zip(grouped, again))  # deterministic (resume)
