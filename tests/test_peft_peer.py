@@ -113,9 +113,11 @@ def test_bench_says_why_peft_is_not_measured(monkeypatch):
     spec = importlib.util.spec_from_file_location("train_bench", PEER.parent / "train_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    # torch and transformers present, peft missing (whatever this venv really has: CI has no torch)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else object())
     assert bench.peft_unavailable() == "peft not installed (install the bench extra: pip install -e '.[bench]')"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "peft") else object())
+    assert bench.peft_unavailable().startswith("torch, peft not installed")
 
 
 @pytest.mark.slow
