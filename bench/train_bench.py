@@ -179,7 +179,7 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     lora = rk * (4 * D + 2 * (D + KV * hd)) + rk * (2 * (D + F) + (F + D))  # A and B of 7 targets
     tok = load_base(r.model.source).tokenizer
     rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
-    groups = prefix_groups(rows, r.train.batch_size)  # as mlxft train batches them (shared prefix on)
+    groups = prefix_groups(rows, r.train.batch_size) if r.train.group_by_prompt else None  # as mlxft train batches
     order = batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0, groups)
 
     def block(tokens, keys):  # forward FLOPs of one block for `tokens` queries over `keys` keys each

@@ -194,7 +194,7 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
 
     lengths = np.array([len(e.ids) for e in rows])
     shared = t.shared_prefix and not t.grad_checkpoint
-    groups = prefix_groups(rows, t.batch_size) if shared else None  # as training batches them
+    groups = prefix_groups(rows, t.batch_size) if shared and t.group_by_prompt else None  # as training batches
     order = batch_order(lengths, t.batch_size, t.seed, 0, groups) or [np.arange(min(len(rows), t.batch_size))]
     best = None
     for b in order:

@@ -158,7 +158,7 @@ def prefix_groups(rows: list[Encoded], batch_size: int) -> np.ndarray:
 
     Measured on the default data (two system prompts, 13% replay rows): mixed batches had no
     shared prefix in 65 of 129 batches (they took the full-row forward, ~2.5x the step time);
-    grouped, in none.
+    grouped, in none. Used with `train.group_by_prompt` (off by default: see config.py).
     Groups smaller than a batch are pooled into one (-1) so their rows still bucket by length.
     """
     keys = [bytes(np.asarray(r.ids[:PREFIX_KEY], dtype=np.int32)) for r in rows]
@@ -627,8 +627,9 @@ def _next_batch(s: Session, p: Progress, length=lambda e: len(e.ids)) -> list:
     (bucketed by `length` of each training item; the preference loop passes a pair's length)."""
     t = s.recipe.train
     if s.order_epoch != p.epoch:
-        # Batches from one prefix group where the shared-prefix forward can use it.
-        groups = prefix_groups(s.train_set, t.batch_size) if getattr(s, "shared", None) is not None else None
+        # train.group_by_prompt: batches from one prefix group, so the shared prefix always applies.
+        grouped = getattr(t, "group_by_prompt", False) and getattr(s, "shared", None) is not None
+        groups = prefix_groups(s.train_set, t.batch_size) if grouped else None
         s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch, groups)
         s.order_epoch = p.epoch
     batch = [s.train_set[i] for i in s.order[p.position]]

@@ -84,7 +84,7 @@ def test_peer_batches_are_the_rows_mlxft_trains_on(tiny_model, tiny_data, tmp_pa
         name="tiny", model=ModelConfig(source=str(tiny_model), family="llama"),
         lora=LoraConfig(targets=["self_attn.q_proj"], rank=4, alpha=8, num_layers=1),
         train=TrainConfig(iters=12, batch_size=8, max_seq_length=96, val_every=1000, val_batches=1,
-                          report_every=1, save_every=0, seed=5),  # 8 batches an epoch: 12 steps span two
+                          report_every=1, save_every=0, seed=5, group_by_prompt=True),  # 8 batches an epoch: 12 steps span two
         data=DataConfig(path=str(data), system_prompt=SYSTEM),
     )
     run = train(recipe, runs_root=tmp_path / "runs", log=lambda *_: None).run.root
@@ -94,9 +94,9 @@ def test_peer_batches_are_the_rows_mlxft_trains_on(tiny_model, tiny_data, tmp_pa
 
     batches = peer.mlxft_batches(tiny_model, recipe, data, 12)
     assert [[b["tokens"], b["supervised_tokens"]] for b in batches] == mlxft_counts
-    # the comparison tells orders apart: mlxft's plain order (no shared prefix) is another one
+    # the comparison tells orders apart: mlxft's plain order (batches not grouped by prompt) is another one
     plain = peer.mlxft_batches(tiny_model, Recipe(**{**recipe.__dict__, "train": TrainConfig(
-        **{**recipe.train.__dict__, "shared_prefix": False})}), data, 12)
+        **{**recipe.train.__dict__, "group_by_prompt": False})}), data, 12)
     assert [[b["tokens"], b["supervised_tokens"]] for b in plain] != mlxft_counts
 
 
