@@ -42,7 +42,8 @@ RECIPE = "smollm2-135m"
 WINDOW = 5  # steps per reporting window
 DOCTOR_MATMUL_N = 2048  # `mlxft doctor` measures fp32 2048 x 2048 matmuls (mlxft/doctor.py collect)
 
-# mlx_lm.lora with a counting wrapper around its batch iterator: the compute is stock; we only
+# mlx_lm.lora with a counting wrapper around its batch iterator, which serves mlxft's batches (same rows per step,
+# built as mlx-lm builds its own): the compute is stock; we only
 # record each training batch's real tokens, mlx-lm's supervised count and ours (answer + <|im_end|>).
 MLX_LM_WRAPPER = r"""
 import json, sys, time, functools
@@ -52,9 +53,24 @@ import mlx.core as mx
 from mlx_lm import lora
 from mlx_lm.tuner import trainer
 records = []
-eot = int(sys.argv.pop(1)); out = sys.argv.pop(1)
+eot = int(sys.argv.pop(1)); out = sys.argv.pop(1); order = json.load(open(sys.argv.pop(1)))
+def same_order(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    # Training batches: mlxft's rows per step (line indices of train.jsonl), built as mlx-lm builds
+    # its own (right-padded to 1 + a multiple of 32, (offset, length) pairs); validation: stock.
+    if not loop:
+        yield from trainer.iterate_batches(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
+        return
+    for k in range(10**9):
+        items = [dataset[j] for j in order[k % len(order)]]
+        toks, offsets = zip(*items) if len(items[0]) == 2 else (items, [0] * len(items))
+        lengths = [min(len(x), max_seq_length) for x in toks]
+        width = min(1 + 32 * ((max(len(x) for x in toks) + 31) // 32), max_seq_length)
+        arr = np.zeros((len(toks), width), np.int32)
+        for i, x in enumerate(toks):
+            arr[i, : lengths[i]] = x[: lengths[i]]
+        yield mx.array(arr), mx.array(list(zip(offsets, lengths)))
 def counting(*a, **k):
-    for batch, lengths in trainer.iterate_batches(*a, **k):
+    for batch, lengths in same_order(*a, **k):
         if k.get("loop"):
             b, L = np.array(batch), np.array(lengths)
             ours = 0
@@ -137,8 +153,10 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
 
     eot = load_tokenizer(base).convert_tokens_to_ids("<|im_end|>")
     counts_file = work / f"counts-{time.time_ns()}.json"
+    order_file = work / "mlxft-order.json"  # mlxft's batches, so both tools train on the same rows per step
+    order_file.write_text(json.dumps([[int(i) for i in b] for b in mlxft_order()]))
     out = subprocess.run(
-        [sys.executable, "-c", MLX_LM_WRAPPER, str(eot), str(counts_file), "--config", str(config)],
+        [sys.executable, "-c", MLX_LM_WRAPPER, str(eot), str(counts_file), str(order_file), "--config", str(config)],
         check=True, cwd=ROOT, capture_output=True, text=True,
     ).stdout
     rec = np.array(json.loads(counts_file.read_text()))
@@ -153,6 +171,20 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
         "rows_per_sec": (hi - lo) * 8 / sec, "peak_memory_gb": float(rec[hi, 1]) / 1e9,
         "stdout_tail": out[-600:],
     }
+
+
+def mlxft_order() -> list:
+    """mlxft train's epoch-0 batches of the default recipe (row indices = train.jsonl lines)."""
+    from mlxft.data import encode_rows, load_splits
+    from mlxft.models import load_base
+    from mlxft.recipes import load_recipe
+    from mlxft.train import batch_order, prefix_groups
+
+    r = load_recipe(RECIPE, tier=8)
+    tok = load_base(r.model.source).tokenizer
+    rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
+    groups = prefix_groups(rows, r.train.batch_size) if r.train.group_by_prompt else None
+    return batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0, groups)
 
 
 def step_flops(base: Path, iters: int) -> tuple[float, float]:
