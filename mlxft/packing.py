@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.loss import supervised_loss
-from mlxft.prefix import SHARED_PREFIX_FAMILIES, SharedPrefixLoss, _Capture, _Prefixed
+from mlxft.prefix import SHARED_PREFIX_FAMILIES, SharedPrefixLoss, shared_hidden
 
 PACKING_FAMILIES = SHARED_PREFIX_FAMILIES
 
@@ -184,20 +184,8 @@ def packed_shared_hidden(
     As prefix.shared_hidden: frozen blocks' prefix keys/values come from the run-long cache, the
     trainable blocks recompute the prefix (batch 1, plain rope) so gradients reach it.
     """
-    inner = model.model
-    P = prefix_h.shape[1]
-    h = inner.embed_tokens(inputs)
-    hp = prefix_h
-    for i, layer in enumerate(inner.layers):
-        if i < first:
-            keys, values = frozen_kv[i]
-        else:
-            cap = _Capture()
-            hp = layer(hp, "causal" if P > 1 else None, cache=cap)
-            keys, values = cap.keys, cap.values
-        with rope_at(layer.self_attn, positions):
-            h = layer(h, mask, cache=_Prefixed(keys, values))
-    return inner.norm(h)
+    return shared_hidden(model, first, prefix_h, frozen_kv, inputs, mask,
+                         around=lambda layer: rope_at(layer.self_attn, positions))
 
 
 class PackedLoss:

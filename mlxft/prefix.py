@@ -19,6 +19,7 @@ have no sliding-window layers; everything else uses the plain forward.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,13 +158,19 @@ class FrozenPrefixCache:
         return h, kv
 
 
-def shared_hidden(model: nn.Module, first: int, prefix_h: mx.array, frozen_kv: list, inputs: mx.array) -> mx.array:
-    """Final-norm hidden states of the suffix rows (B, S, D), attending to the shared prefix."""
+def shared_hidden(model: nn.Module, first: int, prefix_h: mx.array, frozen_kv: list, inputs: mx.array,
+                  mask: mx.array | None = None, around=None) -> mx.array:
+    """Final-norm hidden states of the suffix rows (B, S, D), attending to the shared prefix.
+
+    `mask` defaults to the shifted causal mask of right-padded rows; `around(layer)` (a context
+    manager factory) wraps each block's suffix call: packing passes its own mask and per-token rope.
+    """
     inner = model.model
     P = prefix_h.shape[1]
     S = inputs.shape[1]
-    # Row position i (absolute P+i) sees every prefix key and its own keys up to i.
-    mask = mx.arange(P + S)[None, :] <= (mx.arange(S) + P)[:, None]
+    if mask is None:
+        # Row position i (absolute P+i) sees every prefix key and its own keys up to i.
+        mask = mx.arange(P + S)[None, :] <= (mx.arange(S) + P)[:, None]
     h = inner.embed_tokens(inputs)
     hp = prefix_h
     for i, layer in enumerate(inner.layers):
@@ -173,7 +180,8 @@ def shared_hidden(model: nn.Module, first: int, prefix_h: mx.array, frozen_kv: l
             cap = _Capture()
             hp = layer(hp, "causal" if P > 1 else None, cache=cap)
             keys, values = cap.keys, cap.values
-        h = layer(h, mask, cache=_Prefixed(keys, values))
+        with around(layer) if around is not None else contextlib.nullcontext():
+            h = layer(h, mask, cache=_Prefixed(keys, values))
     return inner.norm(h)
 
 
