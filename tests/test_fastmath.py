@@ -4,13 +4,14 @@ stays within 1e-3 (relative) of the stock activation's."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 import mlxft  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
+
+from tiny_run import loss_curve
 
 from mlxft.fastmath import fast_activations, fast_exp, silu
 
@@ -60,17 +61,8 @@ def test_fast_activations_swaps_mlx_lm_swiglu_and_restores(tiny_model):
 
 
 def _curve(tiny_model, tiny_data, tmp_path, fast: bool) -> list[float]:
-    from mlxft.recipes import load_recipe
-    from mlxft.train import train
-
-    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
-        f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",
-        "train.val_every=10", "train.val_batches=2", "lora.num_layers=2", "train.learning_rate=3e-3",
-        "train.warmup_steps=0", f"train.fast_silu={'true' if fast else 'false'}",
-    ])
-    res = train(recipe, tiny_data, runs_root=tmp_path / ("fast" if fast else "stock"), log=lambda *a: None)
-    lines = [json.loads(x) for x in res.run.metrics.read_text().splitlines()]
-    return [m["train_loss"] for m in lines if "train_loss" in m] + [m["val_loss"] for m in lines if "val_loss" in m]
+    return loss_curve(tmp_path / ("fast" if fast else "stock"), tiny_model, tiny_data,
+                      ["lora.num_layers=2", f"train.fast_silu={'true' if fast else 'false'}"])
 
 
 def test_loss_curve_with_fast_silu_matches_stock(tiny_model, tiny_data, tmp_path):

@@ -9,7 +9,6 @@ stays within 1e-3 relative of the unpacked run at every step, plain and shared-p
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import SYSTEM
+from tiny_run import loss_curve
 from mlxft.packing import (
     PackedLoss, _TokenRope, assign_bins, block_causal_mask, pack, packed_hidden, packed_shared_hidden, supports_packing,
 )
@@ -223,17 +223,8 @@ def test_supported_families(tiny_model):
 
 
 def _curve(tiny_model, tiny_data, tmp_path, packing: bool, shared: bool) -> list[float]:
-    from mlxft.recipes import load_recipe
-    from mlxft.train import train
-
-    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
-        f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",
-        "train.val_every=10", "train.val_batches=2", "lora.num_layers=1", "train.learning_rate=3e-3",
-        "train.warmup_steps=0", f"train.shared_prefix={str(shared).lower()}", f"train.packing={str(packing).lower()}",
-    ])
-    res = train(recipe, tiny_data, runs_root=tmp_path / f"{packing}-{shared}", log=lambda *a: None)
-    lines = [json.loads(x) for x in res.run.metrics.read_text().splitlines()]
-    return [m["train_loss"] for m in lines if "train_loss" in m] + [m["val_loss"] for m in lines if "val_loss" in m]
+    return loss_curve(tmp_path / f"{packing}-{shared}", tiny_model, tiny_data, [
+        "lora.num_layers=1", f"train.shared_prefix={str(shared).lower()}", f"train.packing={str(packing).lower()}"])
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared_prefix"])

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from conftest import SYSTEM
+from tiny_run import loss_curve
 from mlxft.prefix import SharedPrefixLoss, first_trainable_layer, shared_prefix_length, supports_shared_prefix
 
 LOSS_RTOL = 1e-5
@@ -122,17 +123,8 @@ def test_qwen2_family_shared_prefix_matches(tiny_data, tmp_path):
 
 
 def _curve(tiny_model, tiny_data, tmp_path, shared: bool) -> list[float]:
-    from mlxft.recipes import load_recipe
-    from mlxft.train import train
-
-    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
-        f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",
-        "train.val_every=10", "train.val_batches=2", "lora.num_layers=1", "train.learning_rate=3e-3",
-        "train.warmup_steps=0", f"train.shared_prefix={'true' if shared else 'false'}",
-    ])
-    res = train(recipe, tiny_data, runs_root=tmp_path / ("shared" if shared else "plain"), log=lambda *a: None)
-    lines = [json.loads(x) for x in res.run.metrics.read_text().splitlines()]
-    return [m["train_loss"] for m in lines if "train_loss" in m] + [m["val_loss"] for m in lines if "val_loss" in m]
+    return loss_curve(tmp_path / ("shared" if shared else "plain"), tiny_model, tiny_data,
+                      ["lora.num_layers=1", f"train.shared_prefix={'true' if shared else 'false'}"])
 
 
 def test_loss_curve_with_shared_prefix_matches_plain_path(tiny_model, tiny_data, tmp_path):

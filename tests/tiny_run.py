@@ -24,3 +24,20 @@ def train_tiny_run(model_dir: Path, data_dir: Path, runs_root: Path, iters: int 
         data=DataConfig(path=str(data_dir), system_prompt=SYSTEM),
     )
     return train(recipe, runs_root=runs_root, log=lambda *_: None).run.root
+
+
+def loss_curve(runs_root: Path, tiny_model: Path, tiny_data: Path, sets: list[str]) -> list[float]:
+    """Train and validation losses of a 30-step default-recipe run on the tiny model (report every
+    step, validate every 10): the curve the speed-path tests compare against the plain path."""
+    import json
+
+    from mlxft.recipes import load_recipe
+    from mlxft.train import train
+
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
+        f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",
+        "train.val_every=10", "train.val_batches=2", "train.learning_rate=3e-3", "train.warmup_steps=0", *sets,
+    ])
+    res = train(recipe, tiny_data, runs_root=runs_root, log=lambda *a: None)
+    lines = [json.loads(x) for x in res.run.metrics.read_text().splitlines()]
+    return [m["train_loss"] for m in lines if "train_loss" in m] + [m["val_loss"] for m in lines if "val_loss" in m]
