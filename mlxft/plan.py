@@ -2,13 +2,13 @@
 
 Peak memory = base weights at their training precision + trainable parameters with their
 gradients and AdamW state + saved activations of the trainable blocks (all of them, or with
-gradient checkpointing only each block's input plus one block's worth recomputed) + the
-transient of one frozen block + the logits at supervised positions. Token counts come from the
+gradient checkpointing each block's input plus the share MLX keeps alive anyway) + per-token
+arrays outside the trainable blocks + the logits at supervised positions. Token counts come from the
 recipe's data when it is on disk (the longest batch, after the shared prompt prefix is split
 off, as training does); otherwise every row is assumed max_seq_length long.
 
-The activation coefficients were measured with mx.get_peak_memory on llama-shaped models (see
-tests/test_plan.py and the README table); predictions are within 15% on those configurations.
+The activation coefficients were fitted to mx.get_peak_memory on llama-shaped test models and on
+SmolLM2-135M (see tests/test_plan.py and the README table); predictions are within 11% there.
 `mlxft train` refuses a plan that does not fit, and `--auto-fit` changes the recipe until it does.
 """
 
@@ -31,13 +31,18 @@ HEADROOM = 0.9
 
 # Activations per token per trainable block, in units of the activation dtype:
 # ACT_D * hidden + ACT_F * intermediate + ACT_ATTN * heads * keys (+ LoRA's rank-sized pieces),
-# fitted to mx.get_peak_memory of LoRA steps on llama-shaped models (tests/test_plan.py, README).
-ACT_D, ACT_F, ACT_ATTN = 10.7, 4.47, 1.49
-# Extra blocks' worth alive at the peak: the frozen blocks' transients and the backward's temporaries.
-TRANSIENT_BLOCKS = 0.6
-# Blocks' worth of full activations alive at once under mlx-lm's gradient checkpointing: measured
-# 3.5-5 on 4-block models, i.e. MLX's scheduler recomputes ahead and checkpointing saved little there.
-CHECKPOINT_BLOCKS = 4.0
+# plus OUTSIDE_D * hidden per token outside the trainable blocks (embeddings, the frozen blocks'
+# transients, the final norm and the gathered hidden states). Fitted with non-negative
+# coefficients to mx.get_peak_memory of 14 LoRA configurations: 5 llama-shaped test models
+# (tests/test_plan.py) and 9 of SmolLM2-135M on its replay data (1-30 trainable blocks, batch
+# 4-16, rank 8-32, shared prefix on/off, checkpointing); all within 11% (README).
+ACT_D, ACT_F, ACT_ATTN = 1.13, 3.5, 2.83
+OUTSIDE_D = 27.9
+# Under mlx-lm's gradient checkpointing MLX still keeps many blocks' full activations alive
+# (it recomputes ahead): measured 60% of the trainable blocks on SmolLM2 (16 blocks), and never
+# fewer than 3 blocks' worth on 2-block test models.
+CHECKPOINT_BLOCKS = 3.0
+CHECKPOINT_SHARE = 0.6
 # Achieved share of the measured matmul FLOP/s for a LoRA step on the CPU (bench/train_bench.py).
 STEP_EFFICIENCY = 0.4
 
@@ -177,6 +182,7 @@ class Batch:
     suffix: int  # tokens per row after the shared prefix (the whole row when none is shared)
     prefix: int  # shared prefix tokens, run once per batch
     supervised: int  # supervised positions in the batch
+    indices: tuple[int, ...] = ()  # its rows in the training split, when read from data
 
 
 def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
@@ -203,7 +209,7 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
         P = shared_prefix_length(batch) if shared else 0
         P = P if P >= MIN_PREFIX else 0
         S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
-        cand = Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch))
+        cand = Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), tuple(int(i) for i in b))
         if best is None or cand.rows * cand.suffix + cand.prefix > best.rows * best.suffix + best.prefix:
             best = cand
     return best, f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + (
@@ -235,11 +241,9 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
     tokens = batch.rows * batch.suffix
     per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
     trainable_tokens = tokens + batch.prefix
-    if t.grad_checkpoint:
-        blocks_alive = TRANSIENT_BLOCKS + min(CHECKPOINT_BLOCKS, n_train)
-        activations = (n_train * D + blocks_alive * per_token) * trainable_tokens * a_bytes
-    else:
-        activations = (n_train + TRANSIENT_BLOCKS) * per_token * trainable_tokens * a_bytes
+    blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
+    saved_inputs = n_train * D if t.grad_checkpoint else 0
+    activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
     logits = logits_peak_bytes(batch.supervised, shape.vocab)  # one piece, or chunked (mlxft/loss.py)
     peak = weights + trainable + activations + logits
     step_flops = _step_flops(shape, n_train, lora.rank, batch, t.grad_checkpoint)

@@ -135,3 +135,37 @@ def test_auto_fit_order_batch_then_checkpointing_then_quantize(shapes, monkeypat
     again = load_recipe("smollm2-135m", tier=8, overrides=[f"model.source={shapes['d384']}"])
     with pytest.raises(ConfigError, match="could not make it fit"):
         planner.check_fits(again, shapes["long"], True, print)
+
+
+REAL = [  # the default recipe on its own data, and two levers a user pulls
+    [],
+    ["train.grad_checkpoint=true"],
+    ["lora.num_layers=4", "train.batch_size=4"],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", REAL)
+def test_real_model_predicted_peak_within_15_percent(tmp_path, overrides):
+    """SmolLM2-135M on the recipe's data: one step on the plan's longest batch, measured vs predicted."""
+    from mlxft.data import load_splits
+    from mlxft.train import resolve_data_dir, train
+
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=overrides)
+    source = resolve_data_dir(recipe.data.path)
+    batch, _ = planner.longest_batch(recipe, source)
+    assert len(batch.indices) == batch.rows
+    rows = load_splits(source, ("train",))["train"]
+    data = tmp_path / "worst"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in batch.indices))
+    (data / "valid.jsonl").write_text((source / "valid.jsonl").read_text())
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=overrides + [
+        "train.iters=1", "train.val_every=1000", "train.val_batches=1", "train.save_every=0"])
+    plan = planner.plan_recipe(recipe, data, measure_speed=False)
+    assert (plan.notes[0].split(": ")[1]) == f"{batch.rows} x {batch.suffix} tokens" + (
+        f" after a shared {batch.prefix}-token prefix" if batch.prefix else "")  # the same batch as on the full data
+    measured = train(recipe, data, runs_root=tmp_path / "runs", log=lambda *a: None).peak_memory_gb * 1e9
+    ratio = plan.peak_bytes / measured
+    print(f"\nSmolLM2 {overrides}: predicted {plan.peak_bytes / 1e6:.1f} MB, measured {measured / 1e6:.1f} MB, {ratio:.3f}")
+    assert abs(ratio - 1) <= TOLERANCE, f"predicted {plan.peak_bytes / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"
