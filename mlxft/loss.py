@@ -20,6 +20,8 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxft import fastmath
+
 # fp32 logits per chunk. Measured (tests/test_loss.py, README): a chunked backward peaks at ~12
 # chunks' worth whatever the number of positions; the one-piece head at 3 copies of all logits.
 CHUNK_BYTES = 16 * 2**20
@@ -64,7 +66,7 @@ def supervised_loss(model: nn.Module, head, h: mx.array, targets: mx.array, chun
     step = n if weight is None else chunk_rows(n, weight.shape[0], chunk_bytes)
     if step >= n:
         return nn.losses.cross_entropy(head(model, h).astype(mx.float32), targets).sum() / n
-    return _chunked_ce_sum(step)(h, weight, targets) / n
+    return _chunked_ce_sum(step)(h, weight, targets)[0] / n
 
 
 def _chunks(n: int, step: int):
@@ -77,26 +79,31 @@ def _logits(hc: mx.array, weight: mx.array) -> mx.array:
 
 @functools.lru_cache(maxsize=16)
 def _chunked_ce_sum(step: int):
-    """sum_i CE(h_i @ W.T, t_i), computed `step` positions at a time (a custom_function per step)."""
+    """(sum_i CE(h_i @ W.T, t_i), logsumexp_i), computed `step` positions at a time (a
+    custom_function per step). The exp is fastmath.exp_shifted: the fused fast exp when training
+    on the CPU; the backward reuses the forward's logsumexp, so each chunk pays one exp pass there."""
 
     @mx.custom_function
     def ce_sum(h, weight, targets):
-        total = None
+        total, lse = None, []
         for a, b in _chunks(h.shape[0], step):
             hc = h[a:b] if total is None else mx.depends([h[a:b]], [total])[0]
             logits = _logits(hc, weight)
+            m = logits.max(axis=-1, keepdims=True)
+            lse.append(m.squeeze(-1) + mx.log(fastmath.exp_shifted(logits, m).sum(axis=-1)))
             picked = mx.take_along_axis(logits, targets[a:b, None], axis=-1).squeeze(-1)
-            part = (mx.logsumexp(logits, axis=-1) - picked).sum()
+            part = (lse[-1] - picked).sum()
             total = part if total is None else total + part
-        return total
+        return total, mx.concatenate(lse)
 
     @ce_sum.vjp
-    def ce_sum_vjp(primals, cotangent, output):
+    def ce_sum_vjp(primals, cotangents, outputs):
         h, weight, targets = primals
+        cotangent, lse = cotangents[0], outputs[1]
         dh, dw, prev = [], None, None
         for a, b in _chunks(h.shape[0], step):
             hc = h[a:b] if prev is None else mx.depends([h[a:b]], [prev])[0]
-            p = mx.softmax(_logits(hc, weight), axis=-1)
+            p = fastmath.exp_shifted(_logits(hc, weight), lse[a:b, None])  # softmax
             t = targets[a:b, None]
             p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)  # softmax - onehot
             p = (p * cotangent).astype(h.dtype)

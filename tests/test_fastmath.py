@@ -6,6 +6,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import pytest
 
 import mlxft  # noqa: F401
 import mlx.core as mx
@@ -26,6 +27,25 @@ def test_fast_exp_matches_float64_exp():
     # below the normal range it returns ~0 (2^-126), never garbage
     tiny = np.array(fast_exp(mx.array([-100.0, -1000.0, -np.inf], dtype=mx.float32)))
     assert (tiny >= 0).all() and (tiny < 1.2e-38).all()
+
+
+def test_exp_shifted_is_the_fused_fast_exp_only_inside_fast_activations():
+    from mlxft import fastmath
+
+    x = mx.array(np.random.default_rng(3).normal(0, 30, (64, 777)).astype(np.float32))
+    m = x.max(axis=-1, keepdims=True)
+    ref = np.exp(np.array(x - m, dtype=np.float64))
+    assert mx.array_equal(fastmath.exp_shifted(x, m), mx.exp(x - m)).item()  # outside: mlx's own
+    if fastmath._fused_exp_shifted() is None:
+        pytest.skip("mlx cannot build the fused CPU kernel here (no g++)")
+    with fast_activations():
+        got = np.array(fastmath.exp_shifted(x, m), dtype=np.float64)
+        nan = np.array(fastmath.exp_shifted(mx.array([[1.0, float("nan")]]), mx.array([[float("nan")]])))
+    assert not np.array_equal(got, np.array(mx.exp(x - m)))  # really the other kernel
+    big = ref > 1e-30
+    assert (np.abs(got[big] / ref[big] - 1)).max() < 1e-5  # as fast_exp's own bound out to -87
+    assert (got[~big] < 1.01e-30).all()  # underflow stays ~0
+    assert np.isnan(nan).all()  # a NaN logit still poisons the loss, so divergence is caught
 
 
 def test_silu_values_and_gradients_equal_stock():

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxft import fastmath
 from mlxft.loss import CHUNKED_PEAK_CHUNKS, chunk_rows, logits_peak_bytes, supervised_loss
 from mlxft.train import lm_head, make_loss
 
@@ -61,8 +62,20 @@ def _grads_close(a, b, rtol=1e-4):
         assert float(mx.abs(fa[k] - fb[k]).max().item()) <= rtol * scale, k
 
 
+@pytest.fixture(params=["mx.exp", "fused fast exp"])
+def exp_kind(request):
+    """The chunked loss's exp: mlx's, or the fused fast one training uses on the CPU."""
+    if request.param == "mx.exp":
+        yield
+        return
+    if fastmath._fused_exp_shifted() is None:
+        pytest.skip("mlx cannot build the fused CPU kernel here (no g++)")
+    with fastmath.fast_activations():
+        yield
+
+
 @pytest.mark.parametrize("tie", [True, False])
-def test_chunked_head_equals_one_piece_with_gradients(tie):
+def test_chunked_head_equals_one_piece_with_gradients(tie, exp_kind):
     """Full fine-tuning (every weight trainable, the head included): same loss and gradients."""
     vocab = 512
     model = _llama(vocab, tie)
@@ -84,7 +97,7 @@ def test_chunked_head_equals_one_piece_with_gradients(tie):
     assert float(mx.abs(gh_one - gh_many).max().item()) <= 1e-5 * float(mx.abs(gh_one).max().item())
 
 
-def test_chunked_head_keeps_less_memory():
+def test_chunked_head_keeps_less_memory(exp_kind):
     """A big vocabulary with many supervised positions: the chunked backward peaks far lower."""
     vocab, n = 16384, 1024  # one-piece logits: 64 MiB fp32, plus softmax and gradient
     model = _llama(vocab, tie=True)
