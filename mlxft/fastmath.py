@@ -97,6 +97,11 @@ def _fused_exp_shifted():
     return fn
 
 
+def fused_exp_available() -> bool:
+    """True inside fast_activations() where the fused kernel can be built."""
+    return _FUSED["on"] and _fused_exp_shifted() is not None
+
+
 def exp_shifted(x: mx.array, m: mx.array) -> mx.array:
     """exp(x - m) for softmax-type reductions: the fused fast exp inside fast_activations() on the
     CPU for fp32, mx.exp everywhere else."""

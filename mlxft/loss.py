@@ -27,6 +27,14 @@ from mlxft import fastmath
 CHUNK_BYTES = 16 * 2**20
 CHUNKED_PEAK_CHUNKS = 12
 ONE_PIECE_COPIES = 3
+# The fused one-piece loss (CPU training, fastmath): the fast exp's intermediates plus the softmax
+# kept for the backward, measured 8 copies of the logits; used only while that stays within the
+# chunked bound (for a 49k vocabulary up to 128 positions).
+FUSED_ONE_PIECE_COPIES = 8
+
+
+def fused_one_piece(n_positions: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> bool:
+    return n_positions * vocab * 4 * FUSED_ONE_PIECE_COPIES <= chunk_bytes * CHUNKED_PEAK_CHUNKS
 
 
 def chunk_rows(n_positions: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -37,8 +45,11 @@ def chunk_rows(n_positions: int, vocab: int, chunk_bytes: int = CHUNK_BYTES) -> 
     return max(1, chunk_bytes // (4 * vocab))
 
 
-def logits_peak_bytes(n_positions: int, vocab: int, chunkable: bool = True) -> int:
-    """Peak bytes the head and loss keep for `n_positions` supervised tokens (for `mlxft plan`)."""
+def logits_peak_bytes(n_positions: int, vocab: int, chunkable: bool = True, fused: bool = False) -> int:
+    """Peak bytes the head and loss keep for `n_positions` supervised tokens (for `mlxft plan`);
+    `fused`: training on the CPU with the fused fast exp (fastmath)."""
+    if fused and chunkable and fused_one_piece(n_positions, vocab):
+        return n_positions * vocab * 4 * FUSED_ONE_PIECE_COPIES
     step = chunk_rows(n_positions, vocab) if chunkable else n_positions
     if step >= n_positions:
         return n_positions * vocab * 4 * ONE_PIECE_COPIES
@@ -64,6 +75,8 @@ def supervised_loss(model: nn.Module, head, h: mx.array, targets: mx.array, chun
         return mx.array(0.0)
     weight = head_weight(model)
     step = n if weight is None else chunk_rows(n, weight.shape[0], chunk_bytes)
+    if weight is not None and fastmath.fused_exp_available() and fused_one_piece(n, weight.shape[0], chunk_bytes):
+        return _one_piece_ce_sum(h, weight, targets)[0] / n
     if step >= n:
         return nn.losses.cross_entropy(head(model, h).astype(mx.float32), targets).sum() / n
     return _chunked_ce_sum(step)(h, weight, targets)[0] / n
@@ -75,6 +88,27 @@ def _chunks(n: int, step: int):
 
 def _logits(hc: mx.array, weight: mx.array) -> mx.array:
     return (hc @ weight.T).astype(mx.float32)  # what head(model, h).astype(fp32) computes
+
+
+@mx.custom_function
+def _one_piece_ce_sum(h, weight, targets):
+    """(sum_i CE(h_i @ W.T, t_i), softmax): the fused fast exp once, its softmax kept for the
+    backward (no second exp, no recomputed head): N=100 x 49k head + loss 0.20 -> 0.11 s."""
+    logits = _logits(h, weight)
+    e = fastmath.exp_shifted(logits, logits.max(axis=-1, keepdims=True))
+    total = e.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(e, targets[:, None], axis=-1)
+    return -(mx.log(picked) - mx.log(total)).sum(), e / total
+
+
+@_one_piece_ce_sum.vjp
+def _one_piece_ce_sum_vjp(primals, cotangents, outputs):
+    h, weight, targets = primals
+    t = targets[:, None]
+    p = outputs[1]
+    p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)  # softmax - onehot
+    p = (p * cotangents[0]).astype(h.dtype)
+    return p @ weight, (p.T @ h).astype(weight.dtype), mx.zeros_like(targets)
 
 
 @functools.lru_cache(maxsize=16)

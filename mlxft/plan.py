@@ -245,7 +245,8 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
     blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
     saved_inputs = n_train * D if t.grad_checkpoint else 0
     activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
-    logits = logits_peak_bytes(batch.supervised, shape.vocab)  # one piece, or chunked (mlxft/loss.py)
+    fused = backend == "cpu" and t.fast_silu  # the fused fast-exp loss (mlxft/loss.py, fastmath)
+    logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
     peak = weights + trainable + activations + logits
     step_flops = _step_flops(shape, n_train, lora.rank, batch, t.grad_checkpoint)
     flops = matmul_flops or 0.0

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxft import fastmath
-from mlxft.loss import CHUNKED_PEAK_CHUNKS, chunk_rows, logits_peak_bytes, supervised_loss
+from mlxft.loss import CHUNKED_PEAK_CHUNKS, FUSED_ONE_PIECE_COPIES, ONE_PIECE_COPIES, fused_one_piece, chunk_rows, logits_peak_bytes, supervised_loss
 from mlxft.train import lm_head, make_loss
 
 
@@ -120,7 +120,8 @@ def test_chunked_head_keeps_less_memory(exp_kind):
     assert chunked < 0.35 * full, (chunked, full)
     assert float(mx.abs(g_full - g_chunked).max().item()) <= 1e-5 * float(mx.abs(g_full).max().item())
     # What `mlxft plan` assumes for the head (mlxft/loss.py's measured constants), both ways.
-    assert 0.8 <= full / logits_peak_bytes(n, vocab, chunkable=False) <= 1.15
+    copies = FUSED_ONE_PIECE_COPIES if fastmath._FUSED["on"] else ONE_PIECE_COPIES  # a huge chunk: one piece
+    assert 0.8 <= full / (n * vocab * 4 * copies) <= 1.15
     assert chunked <= 1.15 * CHUNKED_PEAK_CHUNKS * 4 * 2**20
 
 
@@ -134,3 +135,34 @@ def test_sparse_head_loss_equals_full_logits(family):
     logits = model(inputs).reshape(-1, vocab)[idx]
     ref = nn.losses.cross_entropy(logits.astype(mx.float32), targets.reshape(-1)[idx]).mean()
     assert abs(fast.item() - ref.item()) <= 1e-5 * abs(ref.item())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_one_piece_loss_equals_mlx_cross_entropy(tie):
+    """CPU training's one-piece loss (fused fast exp, softmax kept for the backward) against
+    nn.losses.cross_entropy: the same loss and gradients, the head's weight included; and its peak
+    stays within the plan's bound."""
+    if fastmath._fused_exp_shifted() is None:
+        pytest.skip("mlx cannot build the fused CPU kernel here (no g++)")
+    vocab, n = 4096, 96
+    model = _llama(vocab, tie)
+    h = mx.random.normal((n, 32)) * 3
+    targets = mx.array(np.random.default_rng(7).integers(0, vocab, n).astype(np.int32))
+    assert fused_one_piece(n, vocab)
+    stock, g_stock = nn.value_and_grad(model, lambda m, h: supervised_loss(m, lm_head, h, targets))(model, h)
+    gh_stock = mx.grad(lambda h: supervised_loss(model, lm_head, h, targets))(h)
+    with fastmath.fast_activations():
+        fused, g_fused = nn.value_and_grad(model, lambda m, h: supervised_loss(m, lm_head, h, targets))(model, h)
+        gh_fused = mx.grad(lambda h: supervised_loss(model, lm_head, h, targets))(h)
+        mx.eval(fused, g_fused, gh_fused)
+        model.freeze()
+        mx.eval(h)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mx.grad(lambda h: supervised_loss(model, lm_head, h, targets))(h))
+        peak = mx.get_peak_memory() - base
+    assert abs(stock.item() - fused.item()) <= 1e-5 * abs(stock.item())
+    _grads_close(g_fused, g_stock)
+    assert float(mx.abs(gh_stock - gh_fused).max().item()) <= 1e-5 * float(mx.abs(gh_stock).max().item())
+    assert peak <= 1.15 * logits_peak_bytes(n, vocab, fused=True)
