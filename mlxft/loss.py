@@ -95,20 +95,25 @@ def _one_piece_ce_sum(h, weight, targets):
     """(sum_i CE(h_i @ W.T, t_i), softmax): the fused fast exp once, its softmax kept for the
     backward (no second exp, no recomputed head): N=100 x 49k head + loss 0.20 -> 0.11 s."""
     logits = _logits(h, weight)
-    e = fastmath.exp_shifted(logits, logits.max(axis=-1, keepdims=True))
+    m = logits.max(axis=-1, keepdims=True)
+    e = fastmath.exp_shifted(logits, m)
     total = e.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(e, targets[:, None], axis=-1)
-    return -(mx.log(picked) - mx.log(total)).sum(), e / total
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
+    return (m + mx.log(total) - picked).sum(), e / total
 
 
 @_one_piece_ce_sum.vjp
 def _one_piece_ce_sum_vjp(primals, cotangents, outputs):
     h, weight, targets = primals
-    t = targets[:, None]
-    p = outputs[1]
-    p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)  # softmax - onehot
-    p = (p * cotangents[0]).astype(h.dtype)
+    p = _dlogits(outputs[1], targets, cotangents[0], h.dtype)
     return p @ weight, (p.T @ h).astype(weight.dtype), mx.zeros_like(targets)
+
+
+def _dlogits(p: mx.array, targets: mx.array, cotangent: mx.array, dtype) -> mx.array:
+    """The loss's gradient at the logits from their softmax p: (p - onehot(targets)) * cotangent."""
+    t = targets[:, None]
+    p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)
+    return (p * cotangent).astype(dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -137,10 +142,7 @@ def _chunked_ce_sum(step: int):
         dh, dw, prev = [], None, None
         for a, b in _chunks(h.shape[0], step):
             hc = h[a:b] if prev is None else mx.depends([h[a:b]], [prev])[0]
-            p = fastmath.exp_shifted(_logits(hc, weight), lse[a:b, None])  # softmax
-            t = targets[a:b, None]
-            p = mx.put_along_axis(p, t, mx.take_along_axis(p, t, axis=-1) - 1.0, axis=-1)  # softmax - onehot
-            p = (p * cotangent).astype(h.dtype)
+            p = _dlogits(fastmath.exp_shifted(_logits(hc, weight), lse[a:b, None]), targets[a:b], cotangent, h.dtype)
             prev = p @ weight
             dh.append(prev)
             part = p.T @ hc  # evaluated only if the head's weight is trained

@@ -166,3 +166,10 @@ def test_fused_one_piece_loss_equals_mlx_cross_entropy(tie):
     _grads_close(g_fused, g_stock)
     assert float(mx.abs(gh_stock - gh_fused).max().item()) <= 1e-5 * float(mx.abs(gh_stock).max().item())
     assert peak <= 1.15 * logits_peak_bytes(n, vocab, fused=True)
+    # targets whose logit is far (> 87) below the row's best: no exp underflow in the loss
+    far = h * 300
+    stock_far = supervised_loss(model, lm_head, far, targets)
+    with fastmath.fast_activations():
+        fused_far = supervised_loss(model, lm_head, far, targets)
+    assert stock_far.item() > 100
+    assert abs(stock_far.item() - fused_far.item()) <= 1e-5 * stock_far.item()
