@@ -56,7 +56,8 @@ class TrainConfig:
     # load (README "Sequence packing"); the bins' masked attention eats most of the padding saved.
     packing: bool = False
     # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/fastmath.py):
-    # mlx's CPU exp is scalar and cost more than the MLP's matmuls. Same values to fp32 rounding.
+    # mlx's CPU exp is scalar and cost more than the MLP's matmuls. The attention's and the loss's
+    # softmaxes use the same fast exp as one fused kernel (needs g++). Same values to fp32 rounding.
     fast_silu: bool = True
     # With the shared prefix: draw each batch from rows under one system prompt, so every batch
     # shares its prefix (faster: 0.89x -> 1.0x in bench/speed_ablation.py). Off by default: it
