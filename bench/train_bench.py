@@ -22,6 +22,7 @@ same run, as `mlxft doctor` measures it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -154,7 +155,7 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
     eot = load_tokenizer(base).convert_tokens_to_ids("<|im_end|>")
     counts_file = work / f"counts-{time.time_ns()}.json"
     order_file = work / "mlxft-order.json"  # mlxft's batches, so both tools train on the same rows per step
-    order_file.write_text(json.dumps([[int(i) for i in b] for b in mlxft_order()]))
+    order_file.write_text(json.dumps([[int(i) for i in b] for b in mlxft_batches()[1]]))
     out = subprocess.run(
         [sys.executable, "-c", MLX_LM_WRAPPER, str(eot), str(counts_file), str(order_file), "--config", str(config)],
         check=True, cwd=ROOT, capture_output=True, text=True,
@@ -173,18 +174,19 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
     }
 
 
-def mlxft_order() -> list:
-    """mlxft train's epoch-0 batches of the default recipe (row indices = train.jsonl lines)."""
+@functools.lru_cache(maxsize=1)
+def mlxft_batches() -> tuple[list, list]:
+    """(encoded train rows, mlxft train's epoch-0 batches of the default recipe as row indices =
+    train.jsonl lines); read once per bench run, for mlx_lm.lora's batches and the FLOP count."""
     from mlxft.data import encode_rows, load_splits
     from mlxft.models import load_base
     from mlxft.recipes import load_recipe
-    from mlxft.train import batch_order, prefix_groups
+    from mlxft.train import epoch_order
 
     r = load_recipe(RECIPE, tier=8)
     tok = load_base(r.model.source).tokenizer
     rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
-    groups = prefix_groups(rows, r.train.batch_size) if r.train.group_by_prompt else None
-    return batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0, groups)
+    return rows, epoch_order(rows, r.train, 0, shared=r.train.shared_prefix)  # the default runs the shared-prefix forward
 
 
 def step_flops(base: Path, iters: int) -> tuple[float, float]:
@@ -195,11 +197,8 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     plain path needs for the same rows. Matmul FLOPs only (2*m*n*k), backward = input grads of
     every trainable-region matmul plus LoRA weight grads; the head at supervised positions.
     """
-    from mlxft.data import encode_rows, load_splits
-    from mlxft.models import load_base
     from mlxft.prefix import PAD_MULTIPLE, shared_prefix_length
     from mlxft.recipes import load_recipe
-    from mlxft.train import batch_order, prefix_groups
 
     r = load_recipe(RECIPE, tier=8)
     cfg = json.loads((base / "config.json").read_text())
@@ -209,10 +208,7 @@ def step_flops(base: Path, iters: int) -> tuple[float, float]:
     lin = D * D * 2 + 2 * D * KV * hd + 3 * D * F  # q, o, k, v, gate/up/down weights per block
     rk, nt = r.lora.rank, r.lora.num_layers
     lora = rk * (4 * D + 2 * (D + KV * hd)) + rk * (2 * (D + F) + (F + D))  # A and B of 7 targets
-    tok = load_base(r.model.source).tokenizer
-    rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
-    groups = prefix_groups(rows, r.train.batch_size) if r.train.group_by_prompt else None  # as mlxft train batches
-    order = batch_order(np.array([len(e.ids) for e in rows]), r.train.batch_size, r.train.seed, 0, groups)
+    rows, order = mlxft_batches()
 
     def block(tokens, keys):  # forward FLOPs of one block for `tokens` queries over `keys` keys each
         return 2 * tokens * (lin + lora) + 4 * tokens * keys * H * hd

@@ -197,12 +197,10 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return worst, f"could not read {data_dir} ({error}): assumed max_seq_length rows"
     from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, shared_prefix_length
-    from mlxft.train import batch_order, prefix_groups
+    from mlxft.train import epoch_order
 
-    lengths = np.array([len(e.ids) for e in rows])
     shared = t.shared_prefix and not t.grad_checkpoint
-    groups = prefix_groups(rows, t.batch_size) if shared and t.group_by_prompt else None  # as training batches
-    order = batch_order(lengths, t.batch_size, t.seed, 0, groups) or [np.arange(min(len(rows), t.batch_size))]
+    order = epoch_order(rows, t, 0, shared) or [np.arange(min(len(rows), t.batch_size))]  # as training batches
     best = None
     for b in order:
         batch = [rows[i] for i in b]

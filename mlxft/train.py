@@ -169,6 +169,15 @@ def prefix_groups(rows: list[Encoded], batch_size: int) -> np.ndarray:
     return np.array([ids[k] if counts[k] >= batch_size else -1 for k in keys])
 
 
+def epoch_order(rows: list, t: TrainConfig, epoch: int, shared: bool, length=lambda e: len(e.ids)) -> list[np.ndarray]:
+    """Epoch `epoch`'s batches (row indices) as training draws them. `shared`: the shared-prefix
+    forward is in use; then train.group_by_prompt draws each batch from one prefix group, so the
+    shared prefix always applies."""
+    grouped = shared and getattr(t, "group_by_prompt", False)
+    groups = prefix_groups(rows, t.batch_size) if grouped else None
+    return batch_order(np.array([length(e) for e in rows]), t.batch_size, t.seed, epoch, groups)
+
+
 def collate(rows: list[Encoded]):
     """Right-pad to the longest row; return inputs, targets and flat supervised positions."""
     T = max(len(r.ids) for r in rows) - 1
@@ -625,12 +634,8 @@ def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
 def _next_batch(s: Session, p: Progress, length=lambda e: len(e.ids)) -> list:
     """The next micro-batch: position `p.position` of epoch `p.epoch`'s deterministic order
     (bucketed by `length` of each training item; the preference loop passes a pair's length)."""
-    t = s.recipe.train
     if s.order_epoch != p.epoch:
-        # train.group_by_prompt: batches from one prefix group, so the shared prefix always applies.
-        grouped = getattr(t, "group_by_prompt", False) and getattr(s, "shared", None) is not None
-        groups = prefix_groups(s.train_set, t.batch_size) if grouped else None
-        s.order = batch_order(np.array([length(e) for e in s.train_set]), t.batch_size, t.seed, p.epoch, groups)
+        s.order = epoch_order(s.train_set, s.recipe.train, p.epoch, getattr(s, "shared", None) is not None, length)
         s.order_epoch = p.epoch
     batch = [s.train_set[i] for i in s.order[p.position]]
     p.position += 1
