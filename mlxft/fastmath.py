@@ -105,8 +105,9 @@ def fused_exp_available() -> bool:
 def exp_shifted(x: mx.array, m: mx.array) -> mx.array:
     """exp(x - m) for softmax-type reductions: the fused fast exp inside fast_activations() on the
     CPU for fp32, mx.exp everywhere else."""
-    fused = _fused_exp_shifted() if _FUSED["on"] and x.dtype == mx.float32 else None
-    return fused(x, m) if fused is not None else mx.exp(x - m)
+    if x.dtype == mx.float32 and fused_exp_available():
+        return _fused_exp_shifted()(x, m)
+    return mx.exp(x - m)
 
 
 @functools.lru_cache(maxsize=1)
