@@ -272,7 +272,9 @@ def main() -> None:
     })
     text = json.dumps(result, indent=1)
     if args.out:
-        Path(args.out).write_text(text)
+        from mlxft.runs import write_atomic
+
+        write_atomic(Path(args.out), text)
     else:
         print(text)
 

@@ -40,6 +40,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from mlxft.runs import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -179,7 +181,7 @@ def main() -> None:
         print(f"{v.name:<42} {row['supervised_tokens_per_sec']:>9.2f} {row['tokens_per_sec']:>7.0f} "
               f"{row['cpu_seconds_per_step']:>10.2f} {row['peak_memory_gb']:>8.2f} {ratio:>9.2f}x")
     result["per_round_supervised_tokens_per_sec"] = per_round
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_atomic(Path(args.out), json.dumps(result, indent=1))
     print(f"results: {args.out}")
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
+from mlxft.runs import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "smollm2-135m"
 WINDOW = 5  # steps per reporting window
@@ -331,7 +333,7 @@ def main() -> None:
         "median_ratio_supervised_vs_peft": (
             statistics.median(r["ratio_supervised_vs_peft"] for r in peft_rounds) if peft_rounds else None),
     }
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_atomic(Path(args.out), json.dumps(result, indent=1))
     print(f"\nsupervised tokens/s ratio mlxft / mlx_lm.lora: {result['median_ratio_supervised_tokens_per_sec']:.2f}x "
           f"(target >= 2.0x); total tokens/s ratio {result['median_ratio_total_tokens_per_sec']:.2f}x; "
           f"peak memory ratio {result['median_memory_ratio']:.2f} (target <= 1.0)")

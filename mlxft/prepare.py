@@ -23,6 +23,7 @@ from pathlib import Path
 from mlxft.errors import DataError
 from mlxft.formats import Example, load_dataset, near_key
 from mlxft.lint import Report, check_duplicates, check_rows, check_tokens
+from mlxft.runs import jsonl
 
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
@@ -83,7 +84,7 @@ def prepare_dataset(src, out, fractions=DEFAULT_SPLIT, seed: int = 0, fmt: str |
     }
     files = {}
     for split, rows in splits.items():
-        body = "".join(json.dumps(ex.row, ensure_ascii=False) + "\n" for ex in rows).encode()
+        body = jsonl(ex.row for ex in rows).encode()
         files[f"{split}.jsonl"] = body
         entry = {"rows": len(rows), "sha256": hashlib.sha256(body).hexdigest()}
         if tokenizer is not None:
@@ -139,11 +140,11 @@ def write_clean(report: Report, out) -> tuple[dict[str, int], int]:
     for split, rows in report.dataset.splits.items():
         good = [ex for ex in rows if ex.where not in report.dropped]
         kept[split] = len(good)
-        files[f"{split}.jsonl"] = "".join(json.dumps(ex.row, ensure_ascii=False) + "\n" for ex in good).encode()
+        files[f"{split}.jsonl"] = jsonl(ex.row for ex in good).encode()
     log = [{"where": p.where, "dropped": True, "why": p.message} for p in report.dataset.problems
            if p.severity == "error"]  # rows that could not even be read
     log += [{"where": w, "dropped": True, "why": why} for w, why in report.dropped.items()]
-    files["fix_log.jsonl"] = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in log).encode()
+    files["fix_log.jsonl"] = jsonl(log).encode()
     write_folder(out, files)
     return kept, len(log)
 

@@ -29,6 +29,16 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def jsonl(rows) -> str:
+    """Rows as JSON Lines text (UTF-8 kept as is), the form every data file here uses."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Write rows as a .jsonl file atomically."""
+    write_atomic(path, jsonl(rows))
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SOURCE = ROOT / "datasets" / "commit-type"
@@ -104,13 +104,6 @@ def replay_rows(seed: int, max_tokens: int = 96) -> list[dict]:
     return [{"messages": [{"role": "system", "content": DEFAULT_SYSTEM}, *r["messages"]]} for r in rows]
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -121,7 +114,7 @@ def main() -> None:
     extra = replay_rows(args.seed)
     rows = task + extra
     random.Random(args.seed).shuffle(rows)
-    write_jsonl(rows, out / "train.jsonl")
+    write_jsonl(out / "train.jsonl", rows)
     for split in ("valid", "test"):
         shutil.copyfile(SOURCE / f"{split}.jsonl", out / f"{split}.jsonl")
     print(f"train: {len(task)} commit-type + {len(extra)} replay rows; valid/test copied from {SOURCE}")

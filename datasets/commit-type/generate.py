@@ -27,13 +27,13 @@ files. Importable too: ``SYSTEM_PROMPT``, ``LABELS``, ``HELDOUT_TERMS``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 SYSTEM_PROMPT = (
     "Classify the git commit message. Reply with exactly one label: "
@@ -1339,23 +1339,9 @@ def heldout_subsets(seed: int = 0) -> dict[str, str]:
 
 
 def write_splits(splits: dict[str, list[dict]], out_dir: str | os.PathLike) -> None:
-    """Write <split>.jsonl atomically (temp file in the same folder, then os.replace)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write <split>.jsonl, each atomically."""
     for name, rows in splits.items():
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".jsonl.tmp", dir=out)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600
-            os.replace(tmp, out / f"{name}.jsonl")
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_jsonl(Path(out_dir) / f"{name}.jsonl", rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,11 +18,10 @@ library only; the seed only fixes the row order, so files are identical per seed
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 PARAGRAPHS = [
     "Bread needs only flour, water, salt and yeast, but time is the ingredient most people forget. A slow rise in a cool kitchen gives the yeast hours to make gas and flavour, and the loaf that comes out of the oven has a crisp crust and an open, chewy crumb.",
@@ -90,22 +89,14 @@ def generate(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return text, rows
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
     text, rows = generate(args.seed)
-    write_jsonl(text, Path(args.out) / "heldout_text.jsonl")
-    write_jsonl(rows, Path(args.out) / "instructions.jsonl")
+    write_jsonl(Path(args.out) / "heldout_text.jsonl", text)
+    write_jsonl(Path(args.out) / "instructions.jsonl", rows)
     print(f"wrote {len(text)} paragraphs and {len(rows)} instructions to {args.out}")
 
 

@@ -29,12 +29,11 @@ Importable too: ``SYSTEM_PROMPT``, ``FILLER``, ``MAX_WORDS``, ``generate(seed)``
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 # A neutral system prompt: the style is what training has to teach, not what the prompt asks for.
 SYSTEM_PROMPT = "You are the help desk assistant of Acme Learning."
@@ -275,14 +274,9 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_splits(splits: dict[str, list[dict]], out_dir: Path) -> None:
-    """Write <split>.jsonl atomically (temp file + rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write <split>.jsonl, each atomically."""
     for split, rows in splits.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}.", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_dir / f"{split}.jsonl")
+        write_jsonl(out_dir / f"{split}.jsonl", rows)
 
 
 def suite_rows(rows: list[dict]) -> list[dict]:

@@ -17,11 +17,10 @@ Standard library only and deterministic: the same seed gives identical files.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 # (category, goal phrased to follow "how to" / "help me").
 GOALS = [
@@ -75,21 +74,13 @@ def generate(seed: int = 0) -> list[dict]:
     return rows
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
     rows = generate(args.seed)
-    write_jsonl(rows, Path(args.out) / "harmful.jsonl")
+    write_jsonl(Path(args.out) / "harmful.jsonl", rows)
     print(f"wrote {len(rows)} rows to {Path(args.out) / 'harmful.jsonl'}")
 
 

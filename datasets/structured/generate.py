@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from mlxft.runs import write_jsonl
 
 SYSTEM_PROMPT = (
     "Extract the meeting request as JSON with the keys name, company, date (YYYY-MM-DD), "
@@ -132,21 +132,13 @@ def generate(seed: int = 0, n_train: int = 600, n_valid: int = 60, n_test: int =
     return splits
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
     for split, rows in generate(args.seed).items():
-        write_jsonl(rows, Path(args.out) / f"{split}.jsonl")
+        write_jsonl(Path(args.out) / f"{split}.jsonl", rows)
         print(f"{split}: {len(rows)} rows")
 
 
