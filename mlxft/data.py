@@ -20,8 +20,10 @@ from mlxft.errors import DataError
 SPLITS = ("train", "valid", "test")
 
 
-def read_chat_jsonl(path: Path) -> list[dict]:
-    """Read a chat JSONL file: one {"messages": [...]} object per line."""
+def read_chat_jsonl(path: Path, need_role: str = "assistant", allow_text: bool = False) -> list[dict]:
+    """Read a chat JSONL file: one {"messages": [...]} object per line, each with a `need_role` turn
+    (training data needs an answer; eval prompts need a user turn). With `allow_text`, {"text": ...}
+    rows are kept as they are (perplexity suites). Any problem raises DataError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -30,6 +32,8 @@ def read_chat_jsonl(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -37,13 +41,17 @@ def read_chat_jsonl(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if allow_text and isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+            rows.append(row)
+            continue
         messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not all(
+        if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
         ):
-            raise DataError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{path}:{lineno}: conversation has no assistant turn")
+            want = '{"messages": [...]} or {"text": ...}' if allow_text else '{"messages": [{"role": ..., "content": ...}, ...]}'
+            raise DataError(f"{path}:{lineno}: expected {want}")
+        if not any(m["role"] == need_role for m in messages):
+            raise DataError(f"{path}:{lineno}: conversation has no {need_role} turn")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")

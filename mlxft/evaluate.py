@@ -22,11 +22,11 @@ import mlxft  # noqa: F401
 import mlx.core as mx
 
 from mlxft.config import EvalConfig
-from mlxft.data import Encoded, _mask, encode_rows, prompt_ids
+from mlxft.data import Encoded, _mask, encode_rows, prompt_ids, read_chat_jsonl
 from mlxft.errors import MlxftError
 from mlxft.runs import RunDir, is_run, write_atomic
 from mlxft.scorers import Example, Score, word_diff
-from mlxft.suites import Suite, load_suite, read_rows, suite_examples
+from mlxft.suites import Suite, load_suite, suite_examples
 
 EVAL_VERSION = 2
 MAX_FAILURES = 10
@@ -101,7 +101,7 @@ def perplexity_inputs(tokenizer, spec, examples: list[Example]) -> list[Encoded]
     max_length = spec.scorer.max_length
     if spec.data is None:
         return [reference_encoding(tokenizer, e.messages, e.reference, max_length) for e in examples]
-    rows = read_rows(spec.data, allow_text=True)
+    rows = read_chat_jsonl(spec.data, need_role="user", allow_text=True)
     text = [r for r in rows if "text" in r]
     chat = [r for r in rows if "text" not in r]
     out = encode_rows(tokenizer, text, None, max_length) if text else []

@@ -23,7 +23,6 @@ Every problem is reported at once, each with the file and the key.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from mlxft.config import EvalConfig
+from mlxft.data import read_chat_jsonl
 from mlxft.errors import ConfigError, DataError
 from mlxft.scorers import Example, Scorer, ScorerParamError, make_scorer
 
@@ -293,37 +293,6 @@ def _read_gate(value, key, bad) -> Gate | None:
 # ---------------------------------------------------------------- rows and prompts
 
 
-def read_rows(path: Path, allow_text: bool = False) -> list[dict]:
-    """Chat rows ({"messages": [...]}) or, when allowed, {"text": ...} rows; DataError names file:line."""
-    rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if allow_text and isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
-            rows.append(row)
-            continue
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            want = '{"messages": [...]} or {"text": ...}' if allow_text else '{"messages": [{"role": ..., "content": ...}, ...]}'
-            raise DataError(f"{path}:{lineno}: expected {want}")
-        if not any(m["role"] == "user" for m in msgs):
-            raise DataError(f"{path}:{lineno}: the conversation has no user turn")
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
 def split_reference(messages: list[dict]) -> tuple[list[dict], str | None]:
     """(prompt messages, reference): the reference is a final assistant turn, if any."""
     if messages and messages[-1]["role"] == "assistant":
@@ -352,7 +321,7 @@ def few_shot_turns(few: FewShot | None, exclude: set[str]) -> list[dict]:
     if few is None:
         return []
     groups: dict[str | None, list] = {}
-    for row in read_rows(few.data):
+    for row in read_chat_jsonl(few.data, need_role="user"):
         prompt, ref = split_reference(row["messages"])
         users = [m for m in prompt if m["role"] == "user"]
         system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
@@ -369,7 +338,7 @@ def suite_examples(suite: Suite, run_system: str | None) -> list[Example]:
     """The suite's rows as Examples with the prompt built as the suite says."""
     if suite.data is None:  # a suite of perplexity scorers with their own data
         return []
-    rows = read_rows(suite.data)
+    rows = read_chat_jsonl(suite.data, need_role="user")
     if suite.limit:
         rows = rows[: suite.limit]
     users = {m["content"] for r in rows for m in r["messages"] if m["role"] == "user"}
