@@ -359,3 +359,18 @@ def load_tokenizer(source: str):
         tokenizer._tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         return tokenizer, True
     return tokenizer, False
+
+
+def pad_rows(rows: list[Encoded], skip: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pad rows for next-token training: (inputs, targets, supervised mask), each (B, S), where
+    S is the longest row minus 1 minus `skip` (leading tokens left out: a shared prefix), rounded up
+    to a multiple of `multiple`. Padding is token 0, unsupervised."""
+    S = max(len(r.ids) for r in rows) - 1 - skip
+    S = -(-S // multiple) * multiple
+    inputs = np.zeros((len(rows), S), dtype=np.int32)
+    targets = np.zeros((len(rows), S), dtype=np.int32)
+    mask = np.zeros((len(rows), S), dtype=bool)
+    for i, r in enumerate(rows):
+        n = len(r.ids) - 1 - skip
+        inputs[i, :n], targets[i, :n], mask[i, :n] = r.ids[skip:-1], r.ids[skip + 1 :], r.mask[skip + 1 :]
+    return inputs, targets, mask

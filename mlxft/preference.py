@@ -44,7 +44,7 @@ from mlxft.checkpoint import (
     Progress, latest_checkpoint, load_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
 )
 from mlxft.config import PreferenceConfig, Recipe
-from mlxft.data import Encoded, Rendered, encode_rendered, render_row
+from mlxft.data import Encoded, Rendered, encode_rendered, pad_rows, render_row
 from mlxft.fastmath import fast_activations
 from mlxft.errors import DataError, MlxftError
 from mlxft.models import BaseModel, load_base
@@ -147,13 +147,8 @@ class PairBatch:
 
 
 def _pad(rows: list[Encoded]) -> tuple[Padded, np.ndarray]:
-    T = max(len(r.ids) for r in rows) - 1
-    inputs = np.zeros((len(rows), T), dtype=np.int32)
-    targets = np.zeros((len(rows), T), dtype=np.int32)
-    mask = np.zeros((len(rows), T), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.ids) - 1
-        inputs[i, :n], targets[i, :n], mask[i, :n] = r.ids[:-1], r.ids[1:], r.mask[1:]
+    inputs, targets, mask = pad_rows(rows)
+    T = mask.shape[1]
     idx = np.flatnonzero(mask)
     segments = np.zeros((len(rows), len(idx)), dtype=np.float32)
     segments[idx // T, np.arange(len(idx))] = 1.0
@@ -178,15 +173,10 @@ def make_logps(model: nn.Module, family: str) -> Callable:
     """
     sparse = family in sft._SPARSE_HEAD_FAMILIES and hasattr(model, "model")
 
-    def head(m, h):
-        if getattr(m, "lm_head", None) is not None and not getattr(m.args, "tie_word_embeddings", False):
-            return m.lm_head(h)
-        return m.model.embed_tokens.as_linear(h)
-
     def side(m, b: Padded) -> mx.array:
         if sparse:
             h = m.model(b.inputs)
-            logits = head(m, h.reshape(-1, h.shape[-1])[b.idx])
+            logits = sft.lm_head(m, h.reshape(-1, h.shape[-1])[b.idx])
         else:
             logits = m(b.inputs)
             logits = logits.reshape(-1, logits.shape[-1])[b.idx]

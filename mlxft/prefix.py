@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxft.data import pad_rows
 from mlxft.loss import supervised_loss
 
 SHARED_PREFIX_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -109,16 +110,7 @@ class SharedBatch:
 def collate_shared(rows, prefix_len: int) -> SharedBatch:
     """Split rows into the shared prefix and right-padded suffixes (padded to PAD_MULTIPLE)."""
     P = prefix_len
-    S = max(len(r.ids) for r in rows) - 1 - P
-    S = -(-S // PAD_MULTIPLE) * PAD_MULTIPLE
-    inputs = np.zeros((len(rows), S), dtype=np.int32)
-    targets = np.zeros((len(rows), S), dtype=np.int32)
-    mask = np.zeros((len(rows), S), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.ids) - 1 - P
-        inputs[i, :n] = r.ids[P:-1]
-        targets[i, :n] = r.ids[P + 1 :]
-        mask[i, :n] = r.mask[P + 1 :]
+    inputs, targets, mask = pad_rows(rows, skip=P, multiple=PAD_MULTIPLE)
     idx = np.flatnonzero(mask).astype(np.int32)
     prefix = np.asarray(rows[0].ids[:P], dtype=np.int32)[None]
     n_tokens = sum(len(r.ids) - 1 for r in rows)

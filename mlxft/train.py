@@ -40,7 +40,7 @@ from mlxft.checkpoint import (
 )
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
-from mlxft.data import Encoded, encode_rows, load_splits
+from mlxft.data import Encoded, encode_rows, load_splits, pad_rows
 from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
@@ -180,15 +180,7 @@ def epoch_order(rows: list, t: TrainConfig, epoch: int, shared: bool, length=lam
 
 def collate(rows: list[Encoded]):
     """Right-pad to the longest row; return inputs, targets and flat supervised positions."""
-    T = max(len(r.ids) for r in rows) - 1
-    inputs = np.zeros((len(rows), T), dtype=np.int32)
-    targets = np.zeros((len(rows), T), dtype=np.int32)
-    mask = np.zeros((len(rows), T), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.ids) - 1
-        inputs[i, :n] = r.ids[:-1]
-        targets[i, :n] = r.ids[1:]
-        mask[i, :n] = r.mask[1:]
+    inputs, targets, mask = pad_rows(rows)
     idx = np.flatnonzero(mask).astype(np.int32)
     n_tokens = sum(len(r.ids) - 1 for r in rows)
     return mx.array(inputs), mx.array(targets), mx.array(idx), n_tokens, len(idx)
