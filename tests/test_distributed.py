@@ -25,9 +25,9 @@ import pytest
 
 from mlxft import distributed as dist
 from mlxft.checkpoint import list_checkpoints
+from tiny_run import wait_for_checkpoint
 from mlxft.errors import ConfigError
 from mlxft.recipes import load_recipe
-from mlxft.runs import RunDir
 from mlxft.train import train
 
 ITERS = 40
@@ -198,24 +198,12 @@ def rank_pid(runs_dir: Path, rank: int) -> int:
     raise AssertionError(f"rank {rank} not found")
 
 
-def wait_for_checkpoint(proc, runs_dir: Path, min_step: int) -> RunDir:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"training ended before step {min_step}:\n{proc.stdout.read()}"
-        for root in runs_dir.glob("*"):
-            found = list_checkpoints(RunDir(root))
-            if found and int(found[-1].name.split("-")[1]) >= min_step:
-                return RunDir(root)
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared in time")
-
-
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_other_with_a_message_and_the_run_resumes_identically(
         two_ranks, tiny_model, tiny_data, tmp_path):
     proc = subprocess.Popen(hosts_cmd(train_args(tiny_model, tiny_data, tmp_path)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env())
-    run = wait_for_checkpoint(proc, tmp_path, 2 * SAVE_EVERY)
+    run = wait_for_checkpoint(proc, tmp_path, 2 * SAVE_EVERY, timeout=240)
     os.kill(rank_pid(tmp_path, 1), signal.SIGKILL)
     try:
         out, _ = proc.communicate(timeout=90)
@@ -232,7 +220,7 @@ def test_a_killed_rank_stops_the_other_with_a_message_and_the_run_resumes_identi
     # every rank stops at the same step, rank 0 checkpoints and prints the resume command.
     proc = subprocess.Popen(hosts_cmd(["train", "--resume", str(run.root)]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
-    wait_for_checkpoint(proc, tmp_path, int(last.name.split("-")[1]) + 2 * SAVE_EVERY)
+    wait_for_checkpoint(proc, tmp_path, int(last.name.split("-")[1]) + 2 * SAVE_EVERY, timeout=240)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 130, out[-3000:]

@@ -8,7 +8,6 @@ import pytest
 from lora_fixtures import make_adapter_run
 
 import mlxft  # noqa: F401
-import mlx.core as mx
 from conftest import SYSTEM
 from mlxft.fuse import FuseError, fuse_run, greedy_continuation
 

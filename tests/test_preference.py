@@ -19,7 +19,7 @@ from mlxft.errors import DataError
 from mlxft.preference import encode_pairs, pair_logps, preference_loss, split_pair
 from mlxft.train import train
 
-from conftest import LABELS, SYSTEM, make_tiny_llama, write_tokenizer
+from conftest import LABELS, SYSTEM, write_tokenizer
 
 QUIET = dict(log=lambda *_: None)
 
@@ -292,7 +292,7 @@ def test_chosen_equal_to_rejected_is_a_line_numbered_error(tiny_model, tmp_path)
     result = CliRunner().invoke(main, ["data", "check", str(data), "--model", str(tiny_model)])
     assert result.exit_code == 1
     out = result.output
-    assert f"train.jsonl:4: error: chosen and rejected are the same answer" in out
+    assert "train.jsonl:4: error: chosen and rejected are the same answer" in out
     assert "train.jsonl:5: error:" in out and "train.jsonl:6: error: rejected must be an assistant answer" in out
     assert "Traceback" not in out
 

@@ -1,7 +1,6 @@
 """Training you can trust: kill -9 or Ctrl-C a real `mlxft train` process, resume, and get the same adapter."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -13,9 +12,9 @@ import mlx.core as mx
 import pytest
 
 from mlxft.checkpoint import list_checkpoints
+from tiny_run import wait_for_checkpoint
 from mlxft.errors import MlxftError
 from mlxft.recipes import load_recipe
-from mlxft.runs import RunDir
 from mlxft.train import resume, train
 
 ITERS = 80
@@ -36,19 +35,6 @@ def cli_train(tiny_model, tiny_data, runs_dir: Path) -> subprocess.Popen:
     for item in overrides(tiny_model):
         cmd += ["--set", item]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, runs_dir: Path, min_step: int) -> RunDir:
-    """Poll until the run has a checkpoint at step >= min_step (the process keeps training meanwhile)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"training ended before step {min_step}:\n{proc.stdout.read()}"
-        for root in runs_dir.glob("*"):
-            found = list_checkpoints(RunDir(root))
-            if found and int(found[-1].name.split("-")[1]) >= min_step:
-                return RunDir(root)
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared within 60 s")
 
 
 def adapters(run_root: Path) -> dict:

@@ -1,8 +1,6 @@
 """Training on a tiny random model: it learns, writes a usable run, and every method runs."""
 
 import json
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
 from mlxft.train import batch_order, collate, make_loss, train
 
-from conftest import LABELS, SYSTEM
+from conftest import SYSTEM
 
 
 def tiny_recipe(model_dir, data_dir, **train_kw) -> Recipe:

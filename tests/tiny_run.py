@@ -41,3 +41,31 @@ def loss_curve(runs_root: Path, tiny_model: Path, tiny_data: Path, sets: list[st
     res = train(recipe, tiny_data, runs_root=runs_root, log=lambda *a: None)
     lines = [json.loads(x) for x in res.run.metrics.read_text().splitlines()]
     return [m["train_loss"] for m in lines if "train_loss" in m] + [m["val_loss"] for m in lines if "val_loss" in m]
+
+
+def assert_curves_match(reference: list[float], other: list[float], rtol: float = 1e-3) -> None:
+    """Two loss_curve()s agree point by point within `rtol`, and the reference really moves
+    (so the comparison means something)."""
+    assert len(reference) == len(other) == 33  # 30 train losses + 3 validations
+    assert reference[-1] < reference[0] * 0.8
+    for a, b in zip(reference, other):
+        assert abs(a - b) <= rtol * abs(a), (a, b)
+
+
+def wait_for_checkpoint(proc, runs_dir: Path, min_step: int, timeout: float = 60):
+    """Poll until a run under `runs_dir` has a checkpoint at step >= min_step (the process keeps
+    training meanwhile); return its RunDir."""
+    import time
+
+    from mlxft.checkpoint import list_checkpoints
+    from mlxft.runs import RunDir
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended before step {min_step}:\n{proc.stdout.read()}"
+        for root in runs_dir.glob("*"):
+            found = list_checkpoints(RunDir(root))
+            if found and int(found[-1].name.split("-")[1]) >= min_step:
+                return RunDir(root)
+        time.sleep(0.005)
+    raise AssertionError(f"no checkpoint at step >= {min_step} appeared within {timeout:.0f} s")
