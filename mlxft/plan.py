@@ -184,34 +184,51 @@ class Batch:
     prefix: int  # shared prefix tokens, run once per batch
     supervised: int  # supervised positions in the batch
     indices: tuple[int, ...] = ()  # its rows in the training split, when read from data
+    tokens: int = 0  # real (unpadded) tokens, the shared prefix counted per row, as training counts them
+
+    @property
+    def padded(self) -> int:
+        return self.rows * self.suffix + self.prefix
 
 
-def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
-    """The batch with the most tokens training will see, from the data when it is readable."""
+def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], str | None]:
+    """The batches of training's first epoch, in its order, as the step runs them (shared prefix
+    split off where it applies). Without readable data: one batch of max_seq_length rows, and a
+    note saying so."""
     t = recipe.train
-    worst = Batch(t.batch_size, t.max_seq_length, 0, t.batch_size * t.max_seq_length // 4)
+    worst = Batch(t.batch_size, t.max_seq_length, 0, t.batch_size * t.max_seq_length // 4, (),
+                  t.batch_size * t.max_seq_length)
     if data_dir is None or not (Path(data_dir) / "train.jsonl").is_file():
-        return worst, f"no data at {data_dir}: assumed every row is max_seq_length={t.max_seq_length} tokens"
+        return [worst], f"no data at {data_dir}: assumed every row is max_seq_length={t.max_seq_length} tokens"
     try:
         rows = _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt, t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
-        return worst, f"could not read {data_dir} ({error}): assumed max_seq_length rows"
+        return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
     from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, shared_prefix_length
     from mlxft.train import epoch_order
 
     shared = t.shared_prefix and not t.grad_checkpoint
     order = epoch_order(rows, t, 0, shared) or [np.arange(min(len(rows), t.batch_size))]  # as training batches
-    best = None
+    out = []
     for b in order:
         batch = [rows[i] for i in b]
         T = max(len(e.ids) for e in batch) - 1
         P = shared_prefix_length(batch) if shared else 0
         P = P if P >= MIN_PREFIX else 0
         S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
-        cand = Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), tuple(int(i) for i in b))
-        if best is None or cand.rows * cand.suffix + cand.prefix > best.rows * best.suffix + best.prefix:
-            best = cand
-    return best, f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + (
+        out.append(Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), tuple(int(i) for i in b),
+                         sum(len(e.ids) - 1 for e in batch)))
+    return out, None
+
+
+def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
+    """The batch with the most tokens training will see, from the data when it is readable."""
+    return _longest(*epoch_batches(recipe, data_dir), data_dir)
+
+
+def _longest(batches: list[Batch], note: str | None, data_dir) -> tuple[Batch, str]:
+    best = max(batches, key=lambda b: b.padded)  # the first of equals, in training order
+    return best, note or f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + (
         f" after a shared {best.prefix}-token prefix" if best.prefix else "")
 
 
@@ -225,8 +242,9 @@ def _encoded_rows(source: str, data_dir: str, system_prompt: str | None, max_seq
 
 
 def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", budget_bytes: int | None = None,
-            matmul_flops: float | None = None) -> Plan:
-    """Peak memory and speed of `recipe` on a model of `shape` for `batch`."""
+            matmul_flops: float | None = None, speed_batches: list[Batch] | None = None) -> Plan:
+    """Peak memory of `recipe` on a model of `shape` for `batch` (the longest), and its speed over
+    `speed_batches` (an epoch's batches; `batch` alone when not given)."""
     t, lora = recipe.train, recipe.lora
     w_bytes, a_bytes, label = training_precision(shape, recipe.model.source, recipe.quantize, backend)
     n_train = shape.layers if lora.num_layers == -1 else min(lora.num_layers, shape.layers)
@@ -246,9 +264,11 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
     fused = backend == "cpu" and t.fast_silu  # the fused fast-exp loss (mlxft/loss.py, fastmath)
     logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
     peak = weights + trainable + activations + logits
-    step_flops = _step_flops(shape, n_train, lora.rank, batch, t.grad_checkpoint)
-    flops = matmul_flops or 0.0
-    tps = (batch.rows * (batch.suffix + batch.prefix)) / (step_flops / (flops * STEP_EFFICIENCY)) if flops else 0.0
+    tps = 0.0
+    if matmul_flops:  # tokens over time, time = matmul FLOPs at the achieved share of the measured rate
+        speed = speed_batches or [batch]
+        work = sum(step_flops(shape, n_train, lora, b, t.grad_checkpoint) for b in speed)
+        tps = sum(b.tokens or b.rows * (b.suffix + b.prefix) for b in speed) / (work / (matmul_flops * STEP_EFFICIENCY))
     return Plan(recipe.name, backend, budget_bytes or 0, weights, trainable, activations, logits, peak,
                 batch.rows * (batch.suffix + batch.prefix) * t.grad_accumulation, tps, label)
 
@@ -269,13 +289,19 @@ def _lora_params(shape: Shape, lora) -> int:
     return total
 
 
-def _step_flops(shape: Shape, n_train: int, rank: int, b: Batch, checkpoint: bool) -> float:
-    """Matmul FLOPs of one micro-batch as mlxft runs it (see bench/train_bench.py)."""
-    lin = shape.block_params() if not shape.experts else shape.hidden * (shape.heads + shape.kv) * shape.hd * 2 + 3 * shape.hidden * shape.inter * shape.active
-    lora = rank * 7 * (shape.hidden + shape.inter)
+def step_flops(shape: Shape, n_train: int, lora, b: Batch, checkpoint: bool = False) -> float:
+    """Matmul FLOPs (2*m*n*k) of one micro-batch as mlxft runs it: every block's forward over the
+    suffix rows (padding included); in the trainable blocks also the shared prefix once, and the
+    backward's input gradients (~1x the forward; 2x with checkpointing, which recomputes it) plus
+    the LoRA weight gradients; the lm-head and its input gradient at supervised positions only."""
+    if shape.experts:
+        lin = shape.hidden * (shape.heads + shape.kv) * shape.hd * 2 + 3 * shape.hidden * shape.inter * shape.active
+    else:
+        lin = shape.block_params()
+    adapter = _lora_params(shape, lora)
 
-    def block(tokens, keys):
-        return 2 * tokens * (lin + lora) + 4 * tokens * keys * shape.heads * shape.hd
+    def block(tokens, keys):  # forward of one block: `tokens` queries over `keys` keys each on average
+        return 2 * tokens * (lin + adapter) + 4 * tokens * keys * shape.heads * shape.hd
 
     suffix = block(b.rows * b.suffix, b.prefix + b.suffix / 2)
     prefix = block(b.prefix, b.prefix / 2)
@@ -295,13 +321,14 @@ def plan_recipe(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int 
         budget_bytes = budget_for(recipe)
     shape = shape_of(recipe.model.source)
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
-    batch, note = longest_batch(recipe, data_dir)
+    batches, note = epoch_batches(recipe, data_dir)
+    batch, note = _longest(batches, note, data_dir)
     flops = None
     if measure_speed:
         from mlxft.doctor import matmul_gflops
 
         flops = matmul_gflops(1024, repeats=3) * 1e9
-    plan = predict(recipe, shape, batch, backend, budget_bytes, flops)
+    plan = predict(recipe, shape, batch, backend, budget_bytes, flops, batches)
     plan.notes.append(note)
     return plan
 
@@ -381,6 +408,6 @@ def format_plan(plan: Plan) -> str:
         ("tokens per optimizer step", str(plan.tokens_per_step)),
     ]
     if plan.tokens_per_sec:
-        rows.append(("expected speed", f"~{plan.tokens_per_sec:.0f} tokens/s (measured matmul x {STEP_EFFICIENCY:.0%})"))
+        rows.append(("expected speed", f"~{plan.tokens_per_sec:.0f} tokens/s over an epoch's batches (measured matmul x {STEP_EFFICIENCY:.0%})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] + [f"note: {n}" for n in plan.notes])
