@@ -83,10 +83,15 @@ def fast_exp(x: mx.array) -> mx.array:
 _FUSED = {"on": False}  # inside fast_activations() on the CPU backend
 
 
+def can_build_kernels() -> bool:
+    """mlx builds compiled CPU kernels with g++ at run time: without it the fused kernels stay off."""
+    return shutil.which("g++") is not None
+
+
 @functools.lru_cache(maxsize=1)
 def _fused_exp_shifted():
     """fast_exp(x - m) as one compiled CPU kernel, or None where mlx cannot build it (no g++)."""
-    if shutil.which("g++") is None:
+    if not can_build_kernels():
         return None
     fn = mx.compile(lambda x, m: fast_exp(x - m))
     try:

@@ -90,16 +90,22 @@ def _logits(hc: mx.array, weight: mx.array) -> mx.array:
     return (hc @ weight.T).astype(mx.float32)  # what head(model, h).astype(fp32) computes
 
 
+def _logsumexp(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(logsumexp, exp(logits - max), its sum), over the last axis, kept 2-D, with fastmath's exp."""
+    m = logits.max(axis=-1, keepdims=True)
+    e = fastmath.exp_shifted(logits, m)
+    total = e.sum(axis=-1, keepdims=True)
+    return m + mx.log(total), e, total
+
+
 @mx.custom_function
 def _one_piece_ce_sum(h, weight, targets):
     """(sum_i CE(h_i @ W.T, t_i), softmax): the fused fast exp once, its softmax kept for the
     backward (no second exp, no recomputed head): N=100 x 49k head + loss 0.20 -> 0.11 s."""
     logits = _logits(h, weight)
-    m = logits.max(axis=-1, keepdims=True)
-    e = fastmath.exp_shifted(logits, m)
-    total = e.sum(axis=-1, keepdims=True)
+    lse, e, total = _logsumexp(logits)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
-    return (m + mx.log(total) - picked).sum(), e / total
+    return (lse - picked).sum(), e / total
 
 
 @_one_piece_ce_sum.vjp
@@ -128,8 +134,7 @@ def _chunked_ce_sum(step: int):
         for a, b in _chunks(h.shape[0], step):
             hc = h[a:b] if total is None else mx.depends([h[a:b]], [total])[0]
             logits = _logits(hc, weight)
-            m = logits.max(axis=-1, keepdims=True)
-            lse.append(m.squeeze(-1) + mx.log(fastmath.exp_shifted(logits, m).sum(axis=-1)))
+            lse.append(_logsumexp(logits)[0].squeeze(-1))
             picked = mx.take_along_axis(logits, targets[a:b, None], axis=-1).squeeze(-1)
             part = (lse[-1] - picked).sum()
             total = part if total is None else total + part

@@ -23,6 +23,7 @@ import numpy as np
 
 from mlxft.config import Recipe
 from mlxft.errors import ConfigError
+from mlxft.fastmath import can_build_kernels
 from mlxft.loss import logits_peak_bytes
 
 # Share of the budget a run may plan to use: the process itself, the OS and the allocator's
@@ -261,7 +262,7 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
     blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
     saved_inputs = n_train * D if t.grad_checkpoint else 0
     activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
-    fused = backend == "cpu" and t.fast_silu  # the fused fast-exp loss (mlxft/loss.py, fastmath)
+    fused = backend == "cpu" and t.fast_silu and can_build_kernels()  # the fused fast-exp loss (mlxft/loss.py)
     logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
     peak = weights + trainable + activations + logits
     tps = 0.0
@@ -327,7 +328,7 @@ def plan_recipe(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int 
     if measure_speed:
         from mlxft.doctor import matmul_gflops
 
-        flops = matmul_gflops(1024, repeats=3) * 1e9
+        flops = matmul_gflops(2048, repeats=3) * 1e9  # the size `mlxft doctor` and `make bench` measure: steadier than 1024
     plan = predict(recipe, shape, batch, backend, budget_bytes, flops, batches)
     plan.notes.append(note)
     return plan
