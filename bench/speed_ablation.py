@@ -13,6 +13,7 @@ seconds per step, peak memory, and the ratio to the default configuration. Varia
   to the longest row and its head over every position)
 - shared prefix, mixed batches: the system prompt once per batch where a batch shares it
 - default: shared prefix, mixed batches (the shared prefix where a batch's rows share it)
+- default + packing: the same batches, rows packed end to end (train.packing)
 - grouped: the default + batches drawn from one system prompt (train.group_by_prompt)
 - packed: grouped + rows packed end to end (train.packing)
 - compiled: grouped, with the loss-and-gradient function under `mx.compile`
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "ablation.json"))
+    ap.add_argument("--only", default="", help="comma-separated parts of variant names to run (the default always runs)")
     args = ap.parse_args()
 
     from train_bench import machine
@@ -119,6 +121,7 @@ def main() -> None:
     variants = [
         Variant("full rows", False, full_rows),
         Variant("default (shared prefix, mixed batches)", False, with_prefix),
+        Variant("default + packing", False, with_packing),
         Variant("grouped batches (train.group_by_prompt)", True, with_prefix),
         Variant("grouped + packing", True, with_packing),
         Variant("grouped + mx.compile", True, lambda b: with_prefix(b, compiled=True)),
@@ -127,6 +130,10 @@ def main() -> None:
     can_thread = blas_threads(2)
     if can_thread:
         variants.append(Variant("grouped, 1 BLAS thread", True, with_prefix))
+
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        variants = [v for v in variants if v.name.startswith("default (") or any(w in v.name for w in wanted)]
 
     def run(v: Variant, sample: np.ndarray, round_: int, timed: bool) -> None:
         if v.name.endswith("1 BLAS thread"):
@@ -166,7 +173,7 @@ def main() -> None:
         per_round.append(snap)
         print(f"round {i + 1}: " + ", ".join(f"{k}: {x:.1f}" for k, x in snap.items()) + " supervised tok/s", flush=True)
 
-    default = variants[1]
+    default = next(v for v in variants if v.name.startswith("default ("))
     result = {"what": "speed ablation of mlxft's training step, default recipe smollm2-135m, batch 8; "
                       f"{args.rounds} rounds x {args.batches} steps per variant, alternating",
               "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "variants": {}}
