@@ -563,21 +563,7 @@ def _validate(s: PrefSession, p: PrefProgress, write) -> None:
 
 def _finish(s: PrefSession, p: PrefProgress) -> sft.TrainResult:
     t = s.recipe.train
-    stopped_early = p.stop_reason == "early stopping"
-    p.stop_reason = p.stop_reason or "done"
-    save_adapters(s.model, s.run.adapters, s.adapter_cfg)
-    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
-    seconds = max(p.train_seconds, 1e-9)
-    result = sft.TrainResult(
-        run=s.run, steps=p.step, final_train_loss=p.last_loss, final_val_loss=p.val_loss, seconds=p.train_seconds,
-        supervised_tokens_per_sec=p.supervised_tokens / seconds, tokens_per_sec=p.tokens / seconds,
-        peak_memory_gb=mx.get_peak_memory() / 1e9, best_val_loss=p.best_val_loss, best_step=p.best_step,
-        stopped_early=stopped_early,
-    )
-    s.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
-    s.config["result"]["last_stats"] = p.last_stats
-    s.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    s.run.write_config(s.config)
+    result = sft.save_final(s, p, {"last_stats": p.last_stats})
     s.log(f"done: {p.step} {t.method.upper()} steps in {p.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s, "
           f"peak memory {result.peak_memory_gb:.2f} GB; last step: preference accuracy "
           f"{p.last_stats.get('preference_accuracy', float('nan')):.2f}, reward margin "

@@ -782,11 +782,22 @@ def _early_stopping(s: Session, p: Progress, write) -> None:
 
 def _finish(s: Session, p: Progress) -> TrainResult:
     """Final adapters, final checkpoint (marked finished) and the result in config.json."""
-    t = s.recipe.train
+    result = save_final(s, p)
+    s.log(
+        f"done: {p.step} steps in {p.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
+        f"({result.supervised_tokens_per_sec:.1f} supervised/s), peak memory {result.peak_memory_gb:.2f} GB; "
+        f"adapters in {s.run.adapters}" + (f" (best: {s.run.best_dir}, step {p.best_step})" if p.best_step else "")
+    )
+    return result
+
+
+def save_final(s, p, extra: dict | None = None) -> TrainResult:
+    """The end of a run, SFT or preference: final adapters, final checkpoint (marked finished), the
+    result (plus `extra`) in config.json."""
     stopped_early = p.stop_reason == "early stopping"
     p.stop_reason = p.stop_reason or "done"
     save_adapters(s.model, s.run.adapters, s.adapter_cfg)
-    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
+    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, s.recipe.train.keep_checkpoints)
     seconds = max(p.train_seconds, 1e-9)
     result = TrainResult(
         run=s.run,
@@ -801,14 +812,9 @@ def _finish(s: Session, p: Progress) -> TrainResult:
         best_step=p.best_step,
         stopped_early=stopped_early,
     )
-    s.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
+    s.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"} | (extra or {})
     s.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     s.run.write_config(s.config)
-    s.log(
-        f"done: {p.step} steps in {p.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
-        f"({result.supervised_tokens_per_sec:.1f} supervised/s), peak memory {result.peak_memory_gb:.2f} GB; "
-        f"adapters in {s.run.adapters}" + (f" (best: {s.run.best_dir}, step {p.best_step})" if p.best_step else "")
-    )
     return result
 
 
