@@ -12,7 +12,7 @@ from pathlib import Path
 import mlxft  # noqa: F401
 import mlx.core as mx
 
-from conftest import CHATML
+from conftest import CHATML, SYSTEM
 
 # A second template, so that one adapter proves the server uses each adapter's own template.
 BRACKETS = (
@@ -50,3 +50,42 @@ def make_adapter_run(root: Path, base: Path, seed: int, system_prompt: str | Non
            "chat_template": chat_template, "system_prompt": system_prompt}
     (run / "config.json").write_text(json.dumps(cfg))
     return run
+
+
+LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
+
+
+def lora_model(path: Path, num_layers: int = 1, dropout: float = 0.0, keys=LORA_KEYS, seed: int | None = None):
+    """(model, tokenizer) with rank-4 LoRA on the last `num_layers` blocks and non-zero B: a fresh
+    LoRA is an identity, so its gradients (and the prefix keys/values it changes) would test little."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    if seed is not None:
+        mx.random.seed(seed)
+    model, tok = load(str(path))
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, {"rank": 4, "scale": 2.0, "dropout": dropout, "keys": list(keys)})
+    for name, p in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05)]))
+    return model, tok
+
+
+def encoded_rows(tok, data: Path, n: int = 8):
+    """The first `n` training rows of a tiny data folder, encoded with the test system prompt."""
+    from mlxft.data import encode_rows, read_chat_jsonl
+
+    return encode_rows(tok, read_chat_jsonl(data / "train.jsonl")[:n], SYSTEM, 64)
+
+
+def assert_grads_close(grads, ref, rtol: float = 1e-4) -> None:
+    """Same gradient tree, every tensor within rtol of the reference's largest magnitude."""
+    from mlx.utils import tree_flatten
+
+    flat, ref_flat = dict(tree_flatten(grads)), dict(tree_flatten(ref))
+    assert flat.keys() == ref_flat.keys() and flat
+    for name, g in flat.items():
+        scale = float(mx.abs(ref_flat[name]).max().item()) + 1e-12
+        assert float(mx.abs(g - ref_flat[name]).max().item()) <= rtol * scale, name

@@ -10,11 +10,12 @@ import pytest
 import mlxft  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlxft import fastmath
 from mlxft.loss import CHUNKED_PEAK_CHUNKS, FUSED_ONE_PIECE_COPIES, ONE_PIECE_COPIES, fused_one_piece, chunk_rows, logits_peak_bytes, supervised_loss
 from mlxft.train import lm_head, make_loss
+
+from lora_fixtures import assert_grads_close
 
 
 def _llama(vocab: int, tie: bool, seed: int = 0):
@@ -54,14 +55,6 @@ def _batch(vocab: int, B=3, T=12, seed=0):
     return mx.array(inputs), mx.array(targets), mx.array(idx)
 
 
-def _grads_close(a, b, rtol=1e-4):
-    fa, fb = dict(tree_flatten(a)), dict(tree_flatten(b))
-    assert fa.keys() == fb.keys() and fa
-    for k in fa:
-        scale = float(mx.abs(fb[k]).max().item()) + 1e-12
-        assert float(mx.abs(fa[k] - fb[k]).max().item()) <= rtol * scale, k
-
-
 @pytest.fixture(params=["mx.exp", "fused fast exp"])
 def exp_kind(request):
     """The chunked loss's exp: mlx's, or the fused fast one training uses on the CPU."""
@@ -90,7 +83,7 @@ def test_chunked_head_equals_one_piece_with_gradients(tie, exp_kind):
     one, g_one = nn.value_and_grad(model, lambda m, h: loss(m, h, 2**40))(model, h)
     many, g_many = nn.value_and_grad(model, lambda m, h: loss(m, h, chunk))(model, h)
     assert abs(one.item() - many.item()) <= 1e-5 * abs(one.item())
-    _grads_close(g_many, g_one)
+    assert_grads_close(g_many, g_one)
     # and the gradient with respect to the hidden states (what LoRA below the head receives)
     gh_one = mx.grad(lambda h: loss(model, h, 2**40))(h)
     gh_many = mx.grad(lambda h: loss(model, h, chunk))(h)
@@ -163,7 +156,7 @@ def test_fused_one_piece_loss_equals_mlx_cross_entropy(tie):
         mx.eval(mx.grad(lambda h: supervised_loss(model, lm_head, h, targets))(h))
         peak = mx.get_peak_memory() - base
     assert abs(stock.item() - fused.item()) <= 1e-5 * abs(stock.item())
-    _grads_close(g_fused, g_stock)
+    assert_grads_close(g_fused, g_stock)
     assert float(mx.abs(gh_stock - gh_fused).max().item()) <= 1e-5 * float(mx.abs(gh_stock).max().item())
     assert peak <= 1.15 * logits_peak_bytes(n, vocab, fused=True)
     # targets whose logit is far (> 87) below the row's best: no exp underflow in the loss

@@ -16,9 +16,8 @@ import pytest
 import mlxft  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from conftest import SYSTEM
+from lora_fixtures import assert_grads_close, encoded_rows, lora_model
 from tiny_run import assert_curves_match, loss_curve
 from mlxft.packing import (
     PackedLoss, _TokenRope, assign_bins, block_causal_mask, pack, packed_hidden, packed_shared_hidden, supports_packing,
@@ -29,28 +28,6 @@ LOSS_RTOL = 1e-5
 ISOLATION_ATOL = 1e-6
 CURVE_RTOL = 1e-3
 ONE_BIN = 10_000  # capacity that puts the whole micro-batch in one sequence
-
-
-def _lora_model(path, num_layers=1):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load
-
-    mx.random.seed(0)
-    model, tok = load(str(path))
-    model.freeze()
-    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
-    linear_to_lora_layers(model, num_layers, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": keys})
-    # Non-zero B: a fresh LoRA is an identity, and its gradients would not test much.
-    for name, p in tree_flatten(model.trainable_parameters()):
-        if name.endswith("lora_b"):
-            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05)]))
-    return model, tok
-
-
-def _rows(tok, data, n=8):
-    from mlxft.data import encode_rows, read_chat_jsonl
-
-    return encode_rows(tok, read_chat_jsonl(data / "train.jsonl")[:n], SYSTEM, 64)
 
 
 def _changed(rows, which: int, skip: int):
@@ -80,8 +57,8 @@ def test_bins_hold_every_row_once_within_capacity_and_balanced():
 
 
 def test_pack_positions_restart_per_example(tiny_model, tiny_data):
-    _, tok = _lora_model(tiny_model)
-    rows = _rows(tok, tiny_data)
+    _, tok = lora_model(tiny_model, seed=0)
+    rows = encoded_rows(tok, tiny_data)
     b = pack(rows, ONE_BIN)
     seg, pos = np.array(b.segments[0]), np.array(b.positions[0])
     for i, r in enumerate(rows):
@@ -119,8 +96,8 @@ def test_no_attention_across_packed_examples(tiny_model, tiny_data, path):
     mask over the same bin would not (the control shows the check catches leakage)."""
     from mlxft.train import lm_head
 
-    model, tok = _lora_model(tiny_model, num_layers=2)
-    rows = _rows(tok, tiny_data)
+    model, tok = lora_model(tiny_model, 2, seed=0)
+    rows = encoded_rows(tok, tiny_data)
     shared = _shared_setup(model)
     skip = shared.prefix_length(rows) if path == "shared_prefix" else 0
     assert skip >= 8 or path == "plain"
@@ -164,8 +141,8 @@ def _per_example_ce(logits_flat, targets_flat, owner):
 def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity):
     from mlxft.train import collate, lm_head, make_loss
 
-    model, tok = _lora_model(tiny_model, num_layers=2)
-    rows = _rows(tok, tiny_data)
+    model, tok = lora_model(tiny_model, 2, seed=0)
+    rows = encoded_rows(tok, tiny_data)
     packed = PackedLoss(model, lm_head, capacity)
     b = pack(rows, capacity)
     assert (b.inputs.shape[0] > 1) == (capacity != ONE_BIN)  # several bins where capacity is small
@@ -174,7 +151,7 @@ def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity)
     loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
     assert (n_tok, n_sup) == (n_tok_f, n_sup_f)
     assert abs(loss_p.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    _same_grads(grads_p, grads_f)
+    assert_grads_close(grads_p, grads_f)
 
     # Per example: each row's mean loss over its supervised tokens.
     h = packed_hidden(model, b.inputs, b.positions, block_causal_mask(b.segments))
@@ -187,20 +164,12 @@ def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity)
         assert abs(per_p[i] - per_f[i]) <= LOSS_RTOL * abs(per_f[i]), i
 
 
-def _same_grads(grads, ref):
-    flat = dict(tree_flatten(ref))
-    assert flat.keys() == dict(tree_flatten(grads)).keys()
-    for name, g in tree_flatten(grads):
-        scale = float(mx.abs(flat[name]).max().item()) + 1e-12
-        assert float(mx.abs(g - flat[name]).max().item()) <= 1e-4 * scale, name
-
-
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_packed_shared_prefix_equals_unpacked(tiny_model, tiny_data, num_layers):
     from mlxft.train import collate, lm_head, make_loss
 
-    model, tok = _lora_model(tiny_model, num_layers=num_layers)
-    rows = _rows(tok, tiny_data)
+    model, tok = lora_model(tiny_model, num_layers, seed=0)
+    rows = encoded_rows(tok, tiny_data)
     shared = SharedPrefixLoss(model, lm_head)
     packed = PackedLoss(model, lm_head, 40, shared=shared)
     loss_p, grads_p, n_tok, n_sup = packed.loss_and_grad(model, rows)
@@ -208,13 +177,13 @@ def test_packed_shared_prefix_equals_unpacked(tiny_model, tiny_data, num_layers)
     loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
     assert (n_tok, n_sup) == (n_tok_f, n_sup_f)
     assert abs(loss_p.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    _same_grads(grads_p, grads_f)
+    assert_grads_close(grads_p, grads_f)
     loss_v, n_v = packed.loss(model, rows)
     assert n_v == n_sup and abs(loss_v.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
 
 
 def test_supported_families(tiny_model):
-    model, _ = _lora_model(tiny_model)
+    model, _ = lora_model(tiny_model, seed=0)
     assert supports_packing(model, "llama")
     assert not supports_packing(model, "gemma3_text")
 

@@ -15,9 +15,10 @@ import pytest
 import mlxft  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import SYSTEM
+from lora_fixtures import assert_grads_close, encoded_rows, lora_model
 from tiny_run import assert_curves_match, loss_curve
 from mlxft.prefix import SharedPrefixLoss, first_trainable_layer, shared_prefix_length, supports_shared_prefix
 
@@ -25,40 +26,13 @@ LOSS_RTOL = 1e-5
 CURVE_RTOL = 1e-3
 
 
-def _lora_model(path, num_layers=1, dropout=0.0):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load
-
-    model, tok = load(str(path))
-    model.freeze()
-    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
-    linear_to_lora_layers(model, num_layers, {"rank": 4, "scale": 2.0, "dropout": dropout, "keys": keys})
-    # Non-zero B so the LoRA path changes the prefix keys/values (fresh LoRA is an identity).
-    for name, p in tree_flatten(model.trainable_parameters()):
-        if name.endswith("lora_b"):
-            model.update(_set(name, mx.random.normal(p.shape) * 0.05))
-    return model, tok
-
-
-def _set(dotted: str, value):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten([(dotted, value)])
-
-
-def _rows(tok, data, n=8):
-    from mlxft.data import encode_rows, read_chat_jsonl
-
-    return encode_rows(tok, read_chat_jsonl(data / "train.jsonl")[:n], SYSTEM, 64)
-
-
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_shared_prefix_loss_and_grads_equal_full_rows(tiny_model, tiny_data, num_layers):
     from mlxft.train import collate, lm_head, make_loss
 
     mx.random.seed(0)
-    model, tok = _lora_model(tiny_model, num_layers)
-    rows = _rows(tok, tiny_data)
+    model, tok = lora_model(tiny_model, num_layers)
+    rows = encoded_rows(tok, tiny_data)
     assert supports_shared_prefix(model, "llama")
     assert first_trainable_layer(model) == 2 - num_layers  # frozen blocks below: served from the cache
     shared = SharedPrefixLoss(model, lm_head)
@@ -70,18 +44,14 @@ def test_shared_prefix_loss_and_grads_equal_full_rows(tiny_model, tiny_data, num
     loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
     assert (n_tok, n_sup) == (n_tok_full, n_sup_full)
     assert abs(loss_s.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    flat_f = dict(tree_flatten(grads_f))
-    for name, g in tree_flatten(grads_s):
-        ref = flat_f[name]
-        scale = float(mx.abs(ref).max().item()) + 1e-12
-        assert float(mx.abs(g - ref).max().item()) <= 1e-4 * scale, name
+    assert_grads_close(grads_s, grads_f)
     # The prefix's own gradient path matters: without it the lora grads of k/v would differ.
     assert any(float(mx.abs(g).max().item()) > 0 for n, g in tree_flatten(grads_s) if "k_proj.lora" in n)
 
 
 def test_shared_prefix_stops_before_the_first_supervised_target(tiny_model, tiny_data):
-    _, tok = _lora_model(tiny_model)
-    rows = _rows(tok, tiny_data)
+    _, tok = lora_model(tiny_model)
+    rows = encoded_rows(tok, tiny_data)
     P = shared_prefix_length(rows)
     for r in rows:
         assert not r.mask[: P + 1].any()  # no target inside the prefix is supervised
@@ -113,8 +83,8 @@ def test_qwen2_family_shared_prefix_matches(tiny_data, tmp_path):
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.k_proj", "self_attn.v_proj"]})
     for name, p in tree_flatten(model.trainable_parameters()):
         if name.endswith("lora_b"):
-            model.update(_set(name, mx.random.normal(p.shape) * 0.05))
-    rows = _rows(tok, tiny_data)
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.05)]))
+    rows = encoded_rows(tok, tiny_data)
     shared = SharedPrefixLoss(model, lm_head)
     loss_s, _, _, _ = shared.loss_and_grad(model, rows, shared.prefix_length(rows))
     inputs, targets, idx, _, _ = collate(rows)
@@ -139,7 +109,7 @@ def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data)
     from mlxft.data import encode_rows, read_chat_jsonl
     from mlxft.train import batch_order, prefix_groups
 
-    _, tok = _lora_model(tiny_model)
+    _, tok = lora_model(tiny_model)
     raw = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
            for r in read_chat_jsonl(tiny_data / "train.jsonl")]  # the system prompt comes from encode_rows
     n, k = len(raw), len(raw) * 2 // 3
