@@ -89,3 +89,19 @@ def assert_grads_close(grads, ref, rtol: float = 1e-4) -> None:
     for name, g in flat.items():
         scale = float(mx.abs(ref_flat[name]).max().item()) + 1e-12
         assert float(mx.abs(g - ref_flat[name]).max().item()) <= rtol * scale, name
+
+
+def assert_matches_full_rows(model, rows, loss, grads, n_tok: int, n_sup: int, family: str = "llama",
+                             loss_rtol: float = 1e-5) -> mx.array:
+    """A speed path's (loss, grads, token counts) equal the plain full-row path's on the same rows;
+    returns the plain loss."""
+    import mlx.nn as nn
+
+    from mlxft.train import collate, make_loss
+
+    inputs, targets, idx, n_tok_f, n_sup_f = collate(rows)
+    loss_f, grads_f = nn.value_and_grad(model, make_loss(model, family))(model, inputs, targets, idx)
+    assert (n_tok, n_sup) == (n_tok_f, n_sup_f)
+    assert abs(loss.item() - loss_f.item()) <= loss_rtol * abs(loss_f.item())
+    assert_grads_close(grads, grads_f)
+    return loss_f

@@ -17,7 +17,7 @@ import mlxft  # noqa: F401
 import mlx.core as mx
 import mlx.nn as nn
 
-from lora_fixtures import assert_grads_close, encoded_rows, lora_model
+from lora_fixtures import assert_matches_full_rows, encoded_rows, lora_model
 from tiny_run import assert_curves_match, loss_curve
 from mlxft.packing import (
     PackedLoss, _TokenRope, assign_bins, block_causal_mask, pack, packed_hidden, packed_shared_hidden, supports_packing,
@@ -139,7 +139,7 @@ def _per_example_ce(logits_flat, targets_flat, owner):
 
 @pytest.mark.parametrize("capacity", [ONE_BIN, 40])
 def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity):
-    from mlxft.train import collate, lm_head, make_loss
+    from mlxft.train import collate, lm_head
 
     model, tok = lora_model(tiny_model, 2, seed=0)
     rows = encoded_rows(tok, tiny_data)
@@ -147,13 +147,10 @@ def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity)
     b = pack(rows, capacity)
     assert (b.inputs.shape[0] > 1) == (capacity != ONE_BIN)  # several bins where capacity is small
     loss_p, grads_p, n_tok, n_sup = packed.loss_and_grad(model, rows)
-    inputs, targets, idx, n_tok_f, n_sup_f = collate(rows)
-    loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
-    assert (n_tok, n_sup) == (n_tok_f, n_sup_f)
-    assert abs(loss_p.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    assert_grads_close(grads_p, grads_f)
+    assert_matches_full_rows(model, rows, loss_p, grads_p, n_tok, n_sup, loss_rtol=LOSS_RTOL)
 
     # Per example: each row's mean loss over its supervised tokens.
+    inputs, targets, idx, _, _ = collate(rows)
     h = packed_hidden(model, b.inputs, b.positions, block_causal_mask(b.segments))
     logits = lm_head(model, h.reshape(-1, h.shape[-1])[b.idx])
     per_p = _per_example_ce(logits, b.targets.reshape(-1)[b.idx], np.array(b.segments).reshape(-1)[np.array(b.idx)])
@@ -166,18 +163,14 @@ def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity)
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_packed_shared_prefix_equals_unpacked(tiny_model, tiny_data, num_layers):
-    from mlxft.train import collate, lm_head, make_loss
+    from mlxft.train import lm_head
 
     model, tok = lora_model(tiny_model, num_layers, seed=0)
     rows = encoded_rows(tok, tiny_data)
     shared = SharedPrefixLoss(model, lm_head)
     packed = PackedLoss(model, lm_head, 40, shared=shared)
     loss_p, grads_p, n_tok, n_sup = packed.loss_and_grad(model, rows)
-    inputs, targets, idx, n_tok_f, n_sup_f = collate(rows)
-    loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
-    assert (n_tok, n_sup) == (n_tok_f, n_sup_f)
-    assert abs(loss_p.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    assert_grads_close(grads_p, grads_f)
+    loss_f = assert_matches_full_rows(model, rows, loss_p, grads_p, n_tok, n_sup, loss_rtol=LOSS_RTOL)
     loss_v, n_v = packed.loss(model, rows)
     assert n_v == n_sup and abs(loss_v.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
 

@@ -14,11 +14,10 @@ import pytest
 
 import mlxft  # noqa: F401
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import SYSTEM
-from lora_fixtures import assert_grads_close, encoded_rows, lora_model
+from lora_fixtures import assert_matches_full_rows, encoded_rows, lora_model
 from tiny_run import assert_curves_match, loss_curve
 from mlxft.prefix import SharedPrefixLoss, first_trainable_layer, shared_prefix_length, supports_shared_prefix
 
@@ -28,7 +27,7 @@ CURVE_RTOL = 1e-3
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_shared_prefix_loss_and_grads_equal_full_rows(tiny_model, tiny_data, num_layers):
-    from mlxft.train import collate, lm_head, make_loss
+    from mlxft.train import lm_head
 
     mx.random.seed(0)
     model, tok = lora_model(tiny_model, num_layers)
@@ -39,12 +38,7 @@ def test_shared_prefix_loss_and_grads_equal_full_rows(tiny_model, tiny_data, num
     P = shared.prefix_length(rows)
     assert P >= 8  # system turn + user header
     loss_s, grads_s, n_tok, n_sup = shared.loss_and_grad(model, rows, P)
-
-    inputs, targets, idx, n_tok_full, n_sup_full = collate(rows)
-    loss_f, grads_f = nn.value_and_grad(model, make_loss(model, "llama"))(model, inputs, targets, idx)
-    assert (n_tok, n_sup) == (n_tok_full, n_sup_full)
-    assert abs(loss_s.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
-    assert_grads_close(grads_s, grads_f)
+    assert_matches_full_rows(model, rows, loss_s, grads_s, n_tok, n_sup, loss_rtol=LOSS_RTOL)
     # The prefix's own gradient path matters: without it the lora grads of k/v would differ.
     assert any(float(mx.abs(g).max().item()) > 0 for n, g in tree_flatten(grads_s) if "k_proj.lora" in n)
 
