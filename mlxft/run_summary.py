@@ -87,14 +87,18 @@ def open_run(path: str | Path) -> RunDir:
     return RunDir.open(p)
 
 
-def read_config(run: RunDir) -> dict:
+def _json_object(path: Path) -> dict:
     try:
-        cfg = json.loads(run.config.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxftError(f"{run.config} cannot be read as JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise MlxftError(f"{run.config} is not a JSON object")
-    return cfg
+        raise MlxftError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MlxftError(f"{path} is not a JSON object")
+    return data
+
+
+def read_config(run: RunDir) -> dict:
+    return _json_object(run.config)
 
 
 def read_eval(run: RunDir) -> dict | None:
@@ -105,12 +109,7 @@ def read_eval(run: RunDir) -> dict | None:
     """
     if not run.eval_json.is_file():
         return None
-    try:
-        data = json.loads(run.eval_json.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxftError(f"{run.eval_json} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MlxftError(f"{run.eval_json} is not a JSON object")
+    data = _json_object(run.eval_json)
     if "suites" in data:
         _check_eval(data, run.eval_json)
         return data
