@@ -12,7 +12,8 @@ seconds per step, peak memory, and the ratio to the default configuration. Varia
 - full rows: every row runs its whole prompt (mixed batches; what mlx-lm does, minus its padding
   to the longest row and its head over every position)
 - shared prefix, mixed batches: the system prompt once per batch where a batch shares it
-- default: shared prefix, mixed batches (the shared prefix where a batch's rows share it)
+- default: shared prefix, mixed batches (a shared prefix per group of rows under one system prompt)
+- one prefix per batch, else full rows: the shared prefix only where all of a batch's rows share it
 - default + packing: the same batches, rows packed end to end (train.packing)
 - grouped: the default + batches drawn from one system prompt (train.group_by_prompt)
 - packed: grouped + rows packed end to end (train.packing)
@@ -107,12 +108,18 @@ def main() -> None:
         return plain_vg(model, *collate(batch)[:3])
 
     def with_prefix(batch, compiled=False):
-        P = shared.prefix_length(batch)
-        if not P:
+        groups = shared.groups(batch)  # as training runs it: one shared prefix, or a group per prefix
+        if not groups:
             x = collate(batch)[:3]
             return compiled_plain(*x) if compiled else plain_vg(model, *x)
-        _, a = shared._args(batch, P)
+        _, a = shared._args(batch, groups)
         return compiled_shared(*a) if compiled else shared._value_and_grad(model, *a)
+
+    def one_prefix(batch):  # stop 15's path: the shared prefix only where all rows share one
+        P = shared.prefix_length(batch)
+        if not P:
+            return plain_vg(model, *collate(batch)[:3])
+        return shared._value_and_grad(model, *shared._args(batch, P)[1])
 
     def with_packing(batch):
         loss, grads, _, _ = packed.loss_and_grad(model, batch)
@@ -121,6 +128,7 @@ def main() -> None:
     variants = [
         Variant("full rows", False, full_rows),
         Variant("default (shared prefix, mixed batches)", False, with_prefix),
+        Variant("one prefix per batch, else full rows", False, one_prefix),
         Variant("default + packing", False, with_packing),
         Variant("grouped batches (train.group_by_prompt)", True, with_prefix),
         Variant("grouped + packing", True, with_packing),

@@ -14,6 +14,7 @@ SmolLM2-135M (see tests/test_plan.py and the README table); predictions are with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -186,10 +187,11 @@ class Batch:
     supervised: int  # supervised positions in the batch
     indices: tuple[int, ...] = ()  # its rows in the training split, when read from data
     tokens: int = 0  # real (unpadded) tokens, the shared prefix counted per row, as training counts them
+    parts: tuple["Batch", ...] = ()  # the groups of rows that run with their own shared prefix, if several
 
     @property
     def padded(self) -> int:
-        return self.rows * self.suffix + self.prefix
+        return sum(p.padded for p in self.parts) if self.parts else self.rows * self.suffix + self.prefix
 
 
 def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], str | None]:
@@ -205,20 +207,31 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
         rows = _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt, t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
-    from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, shared_prefix_length
+    from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, batch_groups, shared_prefix_length
     from mlxft.train import epoch_order
+
+    def part(batch, P, index=()):  # rows after a shared prefix of P tokens (0: full rows)
+        T = max(len(e.ids) for e in batch) - 1
+        S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
+        return Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), index, sum(len(e.ids) - 1 for e in batch))
+
+    def groups_of(batch):  # as training runs the batch (packing splits off only a prefix all rows share)
+        if not t.packing:
+            return batch_groups(batch)
+        n = shared_prefix_length(batch)
+        return [(list(range(len(batch))), n)] if n >= MIN_PREFIX else None
 
     shared = t.shared_prefix and not t.grad_checkpoint
     order = epoch_order(rows, t, 0, shared) or [np.arange(min(len(rows), t.batch_size))]  # as training batches
     out = []
     for b in order:
-        batch = [rows[i] for i in b]
-        T = max(len(e.ids) for e in batch) - 1
-        P = shared_prefix_length(batch) if shared else 0
-        P = P if P >= MIN_PREFIX else 0
-        S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
-        out.append(Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), tuple(int(i) for i in b),
-                         sum(len(e.ids) - 1 for e in batch)))
+        batch, index = [rows[i] for i in b], tuple(int(i) for i in b)
+        groups = groups_of(batch) if shared else None
+        if not groups or len(groups) == 1:
+            out.append(part(batch, groups[0][1] if groups else 0, index))
+        else:  # a group per system prompt, each with its own shared prefix (mlxft/prefix.py)
+            parts = tuple(part([batch[i] for i in g], P) for g, P in groups)
+            out.append(dataclasses.replace(part(batch, 0, index), parts=parts))
     return out, None
 
 
@@ -255,13 +268,14 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
         trainable = n_train * shape.block_params() * w_bytes * 4  # weights' grads + 2 AdamW moments (+ the update)
     else:
         trainable = n_train * _lora_params(shape, lora) * 4 * 4  # fp32 A/B, grads, 2 AdamW moments
-    keys = batch.prefix + batch.suffix
-    tokens = batch.rows * batch.suffix
-    per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
-    trainable_tokens = tokens + batch.prefix
     blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
     saved_inputs = n_train * D if t.grad_checkpoint else 0
-    activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
+    activations = 0
+    for part in batch.parts or (batch,):  # each group of rows with its own prefix: all alive until the backward
+        keys = part.prefix + part.suffix
+        per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
+        trainable_tokens = part.rows * part.suffix + part.prefix
+        activations += (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
     fused = backend == "cpu" and t.fast_silu and can_build_kernels()  # the fused fast-exp loss (mlxft/loss.py)
     logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
     peak = weights + trainable + activations + logits
@@ -304,6 +318,8 @@ def step_flops(shape: Shape, n_train: int, lora, b: Batch, checkpoint: bool = Fa
     def block(tokens, keys):  # forward of one block: `tokens` queries over `keys` keys each on average
         return 2 * tokens * (lin + adapter) + 4 * tokens * keys * shape.heads * shape.hd
 
+    if b.parts:  # a group per prefix: each group's own pass
+        return sum(step_flops(shape, n_train, lora, p, checkpoint) for p in b.parts)
     suffix = block(b.rows * b.suffix, b.prefix + b.suffix / 2)
     prefix = block(b.prefix, b.prefix / 2)
     trainable = (3 if checkpoint else 2) * (suffix + prefix)

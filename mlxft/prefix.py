@@ -37,6 +37,10 @@ SHARED_PREFIX_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 # Below this many shared tokens the bookkeeping costs more than it saves.
 MIN_PREFIX = 8
 
+# A batch splits into a group per prefix only when that saves this many times the prefix tokens
+# that one prefix shared by all rows saves: each group adds its own, smaller, passes.
+GROUP_GAIN = 1.25
+
 # Suffix lengths are padded to a multiple of this, so a compiled step sees few shapes.
 PAD_MULTIPLE = 8
 
@@ -177,11 +181,43 @@ def shared_hidden(model: nn.Module, first: int, prefix_h: mx.array, frozen_kv: l
     return inner.norm(h)
 
 
+def split_by_prefix(rows, longer_than: int = 0) -> list[list[int]]:
+    """The rows (indices) in groups that share a prefix of >= MIN_PREFIX tokens more than
+    `longer_than` (what the whole batch shares): rows sorted by their tokens, each joining the
+    group before it when it shares that much with the group's first row. A batch of task rows
+    and replay rows under another system prompt splits in two."""
+    need = longer_than + MIN_PREFIX
+    order = sorted(range(len(rows)), key=lambda i: tuple(rows[i].ids[:128]))
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if shared_prefix_length([rows[groups[-1][0]], rows[i]]) >= need:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def batch_groups(rows) -> list[tuple[list[int], int]] | None:
+    """How the shared-prefix forward runs a batch: [(row indices, their shared prefix length)], or
+    None where the plain forward is the better path. One group when what all rows share saves the
+    most; a group per prefix (split_by_prefix) when that saves GROUP_GAIN times more prefix tokens
+    (rows under two system prompts share only the template's first tokens)."""
+    n = shared_prefix_length(rows)
+    whole = (len(rows) - 1) * n if n >= MIN_PREFIX else 0
+    split = [(g, shared_prefix_length([rows[i] for i in g])) for g in split_by_prefix(rows, n)]
+    saved = sum((len(g) - 1) * p for g, p in split)
+    if len(split) > 1 and saved > GROUP_GAIN * whole:
+        return split
+    return [(list(range(len(rows))), n)] if whole else None
+
+
 class SharedPrefixLoss:
     """Loss (and gradients) of a batch through the shared-prefix forward.
 
-    `head(model, h)` maps final hidden states to logits; the loss is the mean cross-entropy over
-    the supervised positions, the same quantity as `train.make_loss` computes on full rows.
+    The batch runs as one or more groups of rows, each with its own shared prefix (a batch of rows
+    under two system prompts: two groups). `head(model, h)` maps final hidden states to logits; the
+    loss is the mean cross-entropy over all the batch's supervised positions, the same quantity as
+    `train.make_loss` computes on full rows.
     """
 
     def __init__(self, model: nn.Module, head):
@@ -190,26 +226,42 @@ class SharedPrefixLoss:
         self._value_and_grad = nn.value_and_grad(model, self._loss)
 
     def prefix_length(self, rows) -> int:
-        """The shared prefix to split off, or 0 where it is too short to pay."""
+        """The prefix all the rows share, or 0 where it is too short to pay."""
         n = shared_prefix_length(rows)
         return n if n >= MIN_PREFIX else 0
 
-    def _loss(self, model, prefix_h, frozen_kv, inputs, targets, idx):
-        h = shared_hidden(model, self.frozen.first, prefix_h, frozen_kv, inputs)
-        return supervised_loss(model, self.head, h.reshape(-1, h.shape[-1])[idx], targets.reshape(-1)[idx])
+    def groups(self, rows) -> list[tuple[list[int], int]] | None:
+        return batch_groups(rows)
 
-    def _args(self, rows, prefix_len):
-        b = collate_shared(rows, prefix_len)
-        prefix_h, frozen_kv = self.frozen.get(b.prefix)
-        return b, (prefix_h, frozen_kv, b.inputs, b.targets, b.idx)
+    def _loss(self, model, parts, targets):
+        """parts: per group (prefix hidden state, frozen keys/values, suffix inputs, supervised idx)."""
+        hs = []
+        for prefix_h, frozen_kv, inputs, idx in parts:
+            h = shared_hidden(model, self.frozen.first, prefix_h, frozen_kv, inputs)
+            hs.append(h.reshape(-1, h.shape[-1])[idx])
+        h = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
+        return supervised_loss(model, self.head, h, targets)
 
-    def loss_and_grad(self, model, rows, prefix_len):
-        """(loss, grads, tokens, supervised tokens) of one batch."""
-        b, args = self._args(rows, prefix_len)
+    def _args(self, rows, groups):
+        if isinstance(groups, int):  # one prefix length for the whole batch
+            groups = [(list(range(len(rows))), groups)]
+        parts, targets, n_tokens, n_supervised = [], [], 0, 0
+        for index, prefix_len in groups:
+            b = collate_shared([rows[i] for i in index], prefix_len)
+            parts.append((*self.frozen.get(b.prefix), b.inputs, b.idx))
+            targets.append(b.targets.reshape(-1)[b.idx])
+            n_tokens, n_supervised = n_tokens + b.n_tokens, n_supervised + b.n_supervised
+        targets = targets[0] if len(targets) == 1 else mx.concatenate(targets)
+        return (n_tokens, n_supervised), (parts, targets)
+
+    def loss_and_grad(self, model, rows, groups):
+        """(loss, grads, tokens, supervised tokens) of one batch; `groups` from groups(), or one
+        prefix length shared by all rows."""
+        (n_tok, n_sup), args = self._args(rows, groups)
         loss, grads = self._value_and_grad(model, *args)
-        return loss, grads, b.n_tokens, b.n_supervised
+        return loss, grads, n_tok, n_sup
 
-    def loss(self, model, rows, prefix_len):
+    def loss(self, model, rows, groups):
         """(loss, supervised tokens) of one batch, no gradients (validation)."""
-        b, args = self._args(rows, prefix_len)
-        return self._loss(model, *args), b.n_supervised
+        (_, n_sup), args = self._args(rows, groups)
+        return self._loss(model, *args), n_sup

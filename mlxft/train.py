@@ -219,11 +219,11 @@ def validation_loss(
     n = len(rows) if max_batches < 0 else min(len(rows), batch_size * max_batches)
     for i in range(0, n, batch_size):
         batch = rows[i : i + batch_size]
-        prefix_len = shared.prefix_length(batch) if shared is not None else 0
+        groups = shared.groups(batch) if shared is not None and packed is None else None
         if packed is not None:
             loss, n_sup = packed.loss(model, batch)
-        elif prefix_len:
-            loss, n_sup = shared.loss(model, batch, prefix_len)
+        elif groups:
+            loss, n_sup = shared.loss(model, batch, groups)
         else:
             inputs, targets, idx, _, n_sup = collate(batch)
             loss = loss_fn(model, inputs, targets, idx) if n_sup else None
@@ -680,9 +680,9 @@ def _loss_and_grad(s: Session, rows: list[Encoded]):
     if s.packed is not None:  # packed bins (with the shared prefix split off where it applies)
         loss, grads, _, _ = s.packed.loss_and_grad(s.model, rows)
         return loss, grads
-    prefix_len = s.shared.prefix_length(rows) if s.shared is not None else 0
-    if prefix_len:
-        loss, grads, _, _ = s.shared.loss_and_grad(s.model, rows, prefix_len)
+    groups = s.shared.groups(rows) if s.shared is not None else None
+    if groups:
+        loss, grads, _, _ = s.shared.loss_and_grad(s.model, rows, groups)
         return loss, grads
     inputs, targets, idx, _, _ = collate(rows)
     return s.loss_and_grad(s.model, inputs, targets, idx)

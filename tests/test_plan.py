@@ -179,3 +179,31 @@ def test_real_model_predicted_peak_within_15_percent(tmp_path, overrides):
     ratio = plan.peak_bytes / measured
     print(f"\nSmolLM2 {overrides}: predicted {plan.peak_bytes / 1e6:.1f} MB, measured {measured / 1e6:.1f} MB, {ratio:.3f}")
     assert abs(ratio - 1) <= TOLERANCE, f"predicted {plan.peak_bytes / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+def test_real_model_batch_under_two_system_prompts_predicted_within_15_percent(tmp_path):
+    """The longest batch that runs as a group per system prompt (task rows + replay rows): one step,
+    measured vs predicted (the plan sums the groups' activations)."""
+    from mlxft.data import load_splits
+    from mlxft.train import resolve_data_dir, train
+
+    recipe = load_recipe("smollm2-135m", tier=8)
+    source = resolve_data_dir(recipe.data.path)
+    batches, _ = planner.epoch_batches(recipe, source)
+    batch = max((b for b in batches if len(b.parts) > 1), key=lambda b: b.padded)
+    rows = load_splits(source, ("train",))["train"]
+    data = tmp_path / "grouped"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in batch.indices))
+    (data / "valid.jsonl").write_text((source / "valid.jsonl").read_text())
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
+        "train.iters=1", "train.val_every=1000", "train.val_batches=1", "train.save_every=0"])
+    plan = planner.plan_recipe(recipe, data, measure_speed=False)
+    (again,), _ = planner.epoch_batches(recipe, data)
+    assert len(again.parts) == len(batch.parts) and again.padded == batch.padded  # the same groups
+    measured = _run_peak(lambda: train(recipe, data, runs_root=tmp_path / "runs", log=lambda *a: None))
+    ratio = plan.peak_bytes / measured
+    print(f"\nSmolLM2 grouped batch {[(p.rows, p.prefix, p.suffix) for p in batch.parts]}: predicted "
+          f"{plan.peak_bytes / 1e6:.1f} MB, measured {measured / 1e6:.1f} MB, {ratio:.3f}")
+    assert abs(ratio - 1) <= TOLERANCE, f"predicted {plan.peak_bytes / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"

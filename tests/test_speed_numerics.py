@@ -128,3 +128,30 @@ def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data)
     assert all((a == b).all() for a, b in zip(grouped, again))  # deterministic (resume)
     one = np.zeros(len(rows), dtype=int)
     assert all((a == b).all() for a, b in zip(batch_order(lengths, 4, 0, 1, one), plain))
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_a_batch_under_several_system_prompts_runs_a_shared_prefix_per_group(tiny_model, tiny_data, num_layers):
+    """Rows under two system prompts plus one under a third: a group per prompt, each prefix run
+    once, and the loss, gradients and token counts equal the full rows'."""
+    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.train import lm_head
+
+    model, tok = lora_model(tiny_model, num_layers, seed=0)
+    raw = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
+           for r in read_chat_jsonl(tiny_data / "train.jsonl")][:7]
+    rows = (encode_rows(tok, raw[:4], SYSTEM, 64) + encode_rows(tok, raw[4:6], "Another prompt, quite different.", 64)
+            + encode_rows(tok, raw[6:], "A rare prompt.", 64))
+    rows = [rows[i] for i in (4, 0, 6, 1, 5, 2, 3)]  # mixed, as a batch draws them
+    shared = SharedPrefixLoss(model, lm_head)
+    common = shared_prefix_length(rows)  # the chat template's system header, no more
+    groups = shared.groups(rows)
+    assert sorted(sorted(g) for g, _ in groups) == [[0, 4], [1, 3, 5, 6], [2]]
+    assert all(p >= common + 8 for _, p in groups)
+    loss, grads, n_tok, n_sup = shared.loss_and_grad(model, rows, groups)
+    loss_f = assert_matches_full_rows(model, rows, loss, grads, n_tok, n_sup, loss_rtol=LOSS_RTOL)
+    loss_v, n_v = shared.loss(model, rows, groups)  # validation takes the same path
+    assert n_v == n_sup and abs(loss_v.item() - loss_f.item()) <= LOSS_RTOL * abs(loss_f.item())
+    # Every row under its own prompt: no group saves more than the header all rows share.
+    alone = [encode_rows(tok, raw[i : i + 1], p, 64)[0] for i, p in enumerate(["Xylophones.", "Quiet, please.", "Zebra!"])]
+    assert len(shared.groups(alone)) == 1
