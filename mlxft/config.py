@@ -60,7 +60,7 @@ class TrainConfig:
     # softmaxes use the same fast exp as one fused kernel (needs g++). Same values to fp32 rounding.
     fast_silu: bool = True
     # With the shared prefix: draw each batch from rows under one system prompt, so every batch
-    # shares its prefix (faster: 0.89x -> 1.0x in bench/speed_ablation.py). Off by default: it
+    # shares its whole prefix (mixed batches run a prefix per group of rows anyway). Off by default: it
     # changes what a mixed dataset teaches (measured on the default replay data: labels 65.6% ->
     # 78.8%, refusals of harmful requests 41.7% -> 2.1%, the safety gate failed; README).
     group_by_prompt: bool = False

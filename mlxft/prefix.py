@@ -11,7 +11,10 @@ the user header; `mlxft data check` enforces one system prompt). On the commit-t
   hidden state at the first trainable block for the whole run: frozen weights never change, so
   that part is computed once per distinct prefix, not once per step;
 - let gradients flow into the prefix through the trainable blocks (the rows' attention to the
-  prefix keys/values), summed over the batch by the broadcast's vjp.
+  prefix keys/values), summed over the batch by the broadcast's vjp;
+- run a batch of rows under several system prompts (task rows mixed with replay rows) as a group
+  of rows per prompt, each with its own prefix, and take one loss over all their supervised
+  positions (batch_groups), instead of falling back to full rows.
 
 Only for families whose blocks take mlx-lm's `cache` protocol (offset + update_and_fetch) and
 have no sliding-window layers; everything else uses the plain forward.
