@@ -361,16 +361,17 @@ def load_tokenizer(source: str):
     return tokenizer, False
 
 
-def pad_rows(rows: list[Encoded], skip: int = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_rows(rows: list[Encoded], skip: int | list[int] = 0, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pad rows for next-token training: (inputs, targets, supervised mask), each (B, S), where
-    S is the longest row minus 1 minus `skip` (leading tokens left out: a shared prefix), rounded up
-    to a multiple of `multiple`. Padding is token 0, unsupervised."""
-    S = max(len(r.ids) for r in rows) - 1 - skip
+    S is the longest row minus 1 minus `skip` (leading tokens left out: a shared prefix; one per row
+    or one for all), rounded up to a multiple of `multiple`. Padding is token 0, unsupervised."""
+    skips = [skip] * len(rows) if isinstance(skip, int) else list(skip)
+    S = max(len(r.ids) - 1 - k for r, k in zip(rows, skips))
     S = -(-S // multiple) * multiple
     inputs = np.zeros((len(rows), S), dtype=np.int32)
     targets = np.zeros((len(rows), S), dtype=np.int32)
     mask = np.zeros((len(rows), S), dtype=bool)
-    for i, r in enumerate(rows):
-        n = len(r.ids) - 1 - skip
-        inputs[i, :n], targets[i, :n], mask[i, :n] = r.ids[skip:-1], r.ids[skip + 1 :], r.mask[skip + 1 :]
+    for i, (r, k) in enumerate(zip(rows, skips)):
+        n = len(r.ids) - 1 - k
+        inputs[i, :n], targets[i, :n], mask[i, :n] = r.ids[k:-1], r.ids[k + 1 :], r.mask[k + 1 :]
     return inputs, targets, mask

@@ -14,7 +14,6 @@ SmolLM2-135M (see tests/test_plan.py and the README table); predictions are with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
@@ -187,11 +186,11 @@ class Batch:
     supervised: int  # supervised positions in the batch
     indices: tuple[int, ...] = ()  # its rows in the training split, when read from data
     tokens: int = 0  # real (unpadded) tokens, the shared prefix counted per row, as training counts them
-    parts: tuple["Batch", ...] = ()  # the groups of rows that run with their own shared prefix, if several
+    prefixes: int = 1  # prefixes run (one per group of rows under one system prompt; `prefix` = the longest)
 
     @property
     def padded(self) -> int:
-        return sum(p.padded for p in self.parts) if self.parts else self.rows * self.suffix + self.prefix
+        return self.rows * self.suffix + self.prefixes * self.prefix if self.prefix else self.rows * self.suffix
 
 
 def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], str | None]:
@@ -210,10 +209,11 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
     from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, batch_groups, shared_prefix_length
     from mlxft.train import epoch_order
 
-    def part(batch, P, index=()):  # rows after a shared prefix of P tokens (0: full rows)
-        T = max(len(e.ids) for e in batch) - 1
-        S = -(-(T - P) // PAD_MULTIPLE) * PAD_MULTIPLE if P else T
-        return Batch(len(batch), S, P, sum(int(e.mask[1:].sum()) for e in batch), index, sum(len(e.ids) - 1 for e in batch))
+    def part(batch, skips, index, prefixes=1):  # rows after their prefixes (skips: one per row; 0: full rows)
+        S = max(len(e.ids) - 1 - k for e, k in zip(batch, skips))
+        S = -(-S // PAD_MULTIPLE) * PAD_MULTIPLE if max(skips) else S
+        return Batch(len(batch), S, max(skips), sum(int(e.mask[1:].sum()) for e in batch), index,
+                     sum(len(e.ids) - 1 for e in batch), prefixes)
 
     def groups_of(batch):  # as training runs the batch (packing splits off only a prefix all rows share)
         if not t.packing:
@@ -227,11 +227,11 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
     for b in order:
         batch, index = [rows[i] for i in b], tuple(int(i) for i in b)
         groups = groups_of(batch) if shared else None
-        if not groups or len(groups) == 1:
-            out.append(part(batch, groups[0][1] if groups else 0, index))
-        else:  # a group per system prompt, each with its own shared prefix (mlxft/prefix.py)
-            parts = tuple(part([batch[i] for i in g], P) for g, P in groups)
-            out.append(dataclasses.replace(part(batch, 0, index), parts=parts))
+        skips = [0] * len(batch)
+        for g, P in groups or ():  # a group per system prompt, each with its own prefix (mlxft/prefix.py)
+            for i in g:
+                skips[i] = P
+        out.append(part(batch, skips, index, len(groups or ())))
     return out, None
 
 
@@ -243,7 +243,15 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
 def _longest(batches: list[Batch], note: str | None, data_dir) -> tuple[Batch, str]:
     best = max(batches, key=lambda b: b.padded)  # the first of equals, in training order
     return best, note or f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + (
-        f" after a shared {best.prefix}-token prefix" if best.prefix else "")
+        prefix_note(best))
+
+
+def prefix_note(b: Batch) -> str:
+    if not b.prefix:
+        return ""
+    if b.prefixes > 1:
+        return f" after {b.prefixes} group prefixes of up to {b.prefix} tokens"
+    return f" after a shared {b.prefix}-token prefix"
 
 
 @functools.lru_cache(maxsize=4)  # auto-fit re-plans the same data several times
@@ -270,12 +278,10 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
         trainable = n_train * _lora_params(shape, lora) * 4 * 4  # fp32 A/B, grads, 2 AdamW moments
     blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
     saved_inputs = n_train * D if t.grad_checkpoint else 0
-    activations = 0
-    for part in batch.parts or (batch,):  # each group of rows with its own prefix: all alive until the backward
-        keys = part.prefix + part.suffix
-        per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
-        trainable_tokens = part.rows * part.suffix + part.prefix
-        activations += (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
+    keys = batch.prefix + batch.suffix
+    per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
+    trainable_tokens = batch.padded  # suffix rows + the prefixes (one per group)
+    activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
     fused = backend == "cpu" and t.fast_silu and can_build_kernels()  # the fused fast-exp loss (mlxft/loss.py)
     logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
     peak = weights + trainable + activations + logits
@@ -318,10 +324,8 @@ def step_flops(shape: Shape, n_train: int, lora, b: Batch, checkpoint: bool = Fa
     def block(tokens, keys):  # forward of one block: `tokens` queries over `keys` keys each on average
         return 2 * tokens * (lin + adapter) + 4 * tokens * keys * shape.heads * shape.hd
 
-    if b.parts:  # a group per prefix: each group's own pass
-        return sum(step_flops(shape, n_train, lora, p, checkpoint) for p in b.parts)
     suffix = block(b.rows * b.suffix, b.prefix + b.suffix / 2)
-    prefix = block(b.prefix, b.prefix / 2)
+    prefix = block(b.prefixes * b.prefix, b.prefix / 2)  # the groups' prefixes, padded to the longest
     trainable = (3 if checkpoint else 2) * (suffix + prefix)
     head = 4 * b.supervised * shape.hidden * shape.vocab
     return (shape.layers - n_train) * suffix + n_train * trainable + head

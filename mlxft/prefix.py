@@ -200,6 +200,69 @@ def split_by_prefix(rows, longer_than: int = 0) -> list[list[int]]:
     return groups
 
 
+class _GroupPrefixed:
+    """A 'cache' that puts each row's own group prefix keys/values (gathered, padded to the longest
+    prefix) in front of the row's keys/values; RoPE offset = each row's own prefix length."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offsets: mx.array):
+        self.keys, self.values, self.offset = keys, values, offsets
+
+    def update_and_fetch(self, keys, values):
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+
+
+def _pad_to(x: mx.array, n: int, axis: int) -> mx.array:
+    if x.shape[axis] == n:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n - x.shape[axis])
+    return mx.pad(x, widths)
+
+
+def grouped_hidden(model: nn.Module, first: int, prefixes: list, row_group: mx.array, offsets: mx.array,
+                   inputs: mx.array) -> mx.array:
+    """Final-norm hidden states of suffix rows (B, S, D) whose rows belong to different groups,
+    each group with its own prefix: `prefixes` = per group (prefix hidden state at the first
+    trainable block, frozen keys/values) from FrozenPrefixCache; `row_group` (B,) the group of each
+    row; `offsets` (B,) its prefix length. The groups' prefixes run through the trainable blocks
+    as one right-padded batch (causal, so padding never reaches a real position); every row sees
+    its own group's prefix keys (the rest masked) and its own keys up to itself, RoPE at its
+    prefix length: one batched pass, as with one shared prefix."""
+    inner = model.model
+    Pmax = max(h.shape[1] for h, _ in prefixes)
+    S = inputs.shape[1]
+    hp = mx.concatenate([_pad_to(h, Pmax, 1) for h, _ in prefixes], axis=0)
+    frozen = [(mx.concatenate([_pad_to(kv[i][0], Pmax, 2) for _, kv in prefixes], axis=0),
+               mx.concatenate([_pad_to(kv[i][1], Pmax, 2) for _, kv in prefixes], axis=0)) for i in range(first)]
+    see_prefix = mx.arange(Pmax)[None, :] < offsets[:, None]  # (B, Pmax)
+    causal = mx.arange(S)[None, :] <= mx.arange(S)[:, None]  # (S, S)
+    mask = mx.concatenate([mx.broadcast_to(see_prefix[:, None, None, :], (inputs.shape[0], 1, S, Pmax)),
+                           mx.broadcast_to(causal[None, None], (inputs.shape[0], 1, S, S))], axis=-1)
+    h = inner.embed_tokens(inputs)
+    for i, layer in enumerate(inner.layers):
+        if i < first:
+            keys, values = frozen[i]
+        else:
+            cap = _Capture()
+            hp = layer(hp, "causal", cache=cap)
+            keys, values = cap.keys, cap.values
+        h = layer(h, mask, cache=_GroupPrefixed(keys[row_group], values[row_group], offsets))
+    return inner.norm(h)
+
+
+def array_offsets_work(model: nn.Module) -> bool:
+    """Whether the model's RoPE takes one offset per row (mx.fast.rope does; some scaled variants
+    do arithmetic on the offset): what grouped_hidden needs."""
+    rope = getattr(getattr(model.model.layers[0], "self_attn", None), "rope", None)
+    if rope is None:
+        return False
+    try:
+        mx.eval(rope(mx.zeros((2, 1, 3, rope.dims if hasattr(rope, "dims") else 8)), offset=mx.array([0, 2])))
+    except Exception:
+        return False
+    return True
+
+
 def batch_groups(rows) -> list[tuple[list[int], int]] | None:
     """How the shared-prefix forward runs a batch: [(row indices, their shared prefix length)], or
     None where the plain forward is the better path. One group when what all rows share saves the
@@ -226,6 +289,7 @@ class SharedPrefixLoss:
     def __init__(self, model: nn.Module, head):
         self.head = head
         self.frozen = FrozenPrefixCache(model)
+        self.per_row_offsets = array_offsets_work(model)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
 
     def prefix_length(self, rows) -> int:
@@ -234,28 +298,42 @@ class SharedPrefixLoss:
         return n if n >= MIN_PREFIX else 0
 
     def groups(self, rows) -> list[tuple[list[int], int]] | None:
-        return batch_groups(rows)
+        """batch_groups(rows); several groups only where the model's RoPE takes per-row offsets."""
+        groups = batch_groups(rows)
+        if groups is not None and len(groups) > 1 and not self.per_row_offsets:
+            n = shared_prefix_length(rows)
+            return [(list(range(len(rows))), n)] if n >= MIN_PREFIX else None
+        return groups
 
     def _loss(self, model, parts, targets):
-        """parts: per group (prefix hidden state, frozen keys/values, suffix inputs, supervised idx)."""
-        hs = []
-        for prefix_h, frozen_kv, inputs, idx in parts:
+        """parts: (prefix hidden state, frozen keys/values, suffix inputs, supervised idx) for one
+        shared prefix; (prefixes, row groups, offsets, suffix inputs, idx) for several groups."""
+        if len(parts) == 4:
+            prefix_h, frozen_kv, inputs, idx = parts
             h = shared_hidden(model, self.frozen.first, prefix_h, frozen_kv, inputs)
-            hs.append(h.reshape(-1, h.shape[-1])[idx])
-        h = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=0)
-        return supervised_loss(model, self.head, h, targets)
+        else:
+            prefixes, row_group, offsets, inputs, idx = parts
+            h = grouped_hidden(model, self.frozen.first, prefixes, row_group, offsets, inputs)
+        return supervised_loss(model, self.head, h.reshape(-1, h.shape[-1])[idx], targets)
 
     def _args(self, rows, groups):
         if isinstance(groups, int):  # one prefix length for the whole batch
             groups = [(list(range(len(rows))), groups)]
-        parts, targets, n_tokens, n_supervised = [], [], 0, 0
-        for index, prefix_len in groups:
-            b = collate_shared([rows[i] for i in index], prefix_len)
-            parts.append((*self.frozen.get(b.prefix), b.inputs, b.idx))
-            targets.append(b.targets.reshape(-1)[b.idx])
-            n_tokens, n_supervised = n_tokens + b.n_tokens, n_supervised + b.n_supervised
-        targets = targets[0] if len(targets) == 1 else mx.concatenate(targets)
-        return (n_tokens, n_supervised), (parts, targets)
+        n_tokens = sum(len(r.ids) - 1 for r in rows)
+        if len(groups) == 1:
+            b = collate_shared(rows, groups[0][1])
+            parts = (*self.frozen.get(b.prefix), b.inputs, b.idx)
+            return (n_tokens, b.n_supervised), (parts, b.targets.reshape(-1)[b.idx])
+        row_group, skips = [0] * len(rows), [0] * len(rows)
+        prefixes = []
+        for g, (index, P) in enumerate(groups):
+            for i in index:
+                row_group[i], skips[i] = g, P
+            prefixes.append(self.frozen.get(mx.array(np.asarray(rows[index[0]].ids[:P], dtype=np.int32)[None])))
+        inputs, targets, mask = pad_rows(rows, skips, PAD_MULTIPLE)
+        idx = mx.array(np.flatnonzero(mask).astype(np.int32))
+        parts = (prefixes, mx.array(row_group), mx.array(skips), mx.array(inputs), idx)
+        return (n_tokens, int(mask.sum())), (parts, mx.array(targets).reshape(-1)[idx])
 
     def loss_and_grad(self, model, rows, groups):
         """(loss, grads, tokens, supervised tokens) of one batch; `groups` from groups(), or one

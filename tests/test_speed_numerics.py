@@ -145,6 +145,7 @@ def test_a_batch_under_several_system_prompts_runs_a_shared_prefix_per_group(tin
     rows = [rows[i] for i in (4, 0, 6, 1, 5, 2, 3)]  # mixed, as a batch draws them
     shared = SharedPrefixLoss(model, lm_head)
     common = shared_prefix_length(rows)  # the chat template's system header, no more
+    assert shared.per_row_offsets  # llama's RoPE takes one offset per row: the one-pass grouped forward
     groups = shared.groups(rows)
     assert sorted(sorted(g) for g, _ in groups) == [[0, 4], [1, 3, 5, 6], [2]]
     assert all(p >= common + 8 for _, p in groups)
