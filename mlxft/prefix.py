@@ -272,7 +272,7 @@ def batch_groups(rows) -> list[tuple[list[int], int]] | None:
     whole = (len(rows) - 1) * n if n >= MIN_PREFIX else 0
     split = [(g, shared_prefix_length([rows[i] for i in g])) for g in split_by_prefix(rows, n)]
     saved = sum((len(g) - 1) * p for g, p in split)
-    if len(split) > 1 and saved > GROUP_GAIN * whole:
+    if len(split) > 1 and saved > GROUP_GAIN * whole and all(p > 0 for _, p in split):  # every group has a prefix
         return split
     return [(list(range(len(rows))), n)] if whole else None
 
