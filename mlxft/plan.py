@@ -206,7 +206,7 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
         rows = _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt, t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
-    from mlxft.prefix import MIN_PREFIX, PAD_MULTIPLE, batch_groups, shared_prefix_length
+    from mlxft.prefix import PAD_MULTIPLE, batch_groups
     from mlxft.train import epoch_order
 
     def part(batch, skips, index, prefixes=1):  # rows after their prefixes (skips: one per row; 0: full rows)
@@ -215,18 +215,12 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
         return Batch(len(batch), S, max(skips), sum(int(e.mask[1:].sum()) for e in batch), index,
                      sum(len(e.ids) - 1 for e in batch), prefixes)
 
-    def groups_of(batch):  # as training runs the batch (packing splits off only a prefix all rows share)
-        if not t.packing:
-            return batch_groups(batch)
-        n = shared_prefix_length(batch)
-        return [(list(range(len(batch))), n)] if n >= MIN_PREFIX else None
-
     shared = t.shared_prefix and not t.grad_checkpoint
     order = epoch_order(rows, t, 0, shared) or [np.arange(min(len(rows), t.batch_size))]  # as training batches
     out = []
     for b in order:
         batch, index = [rows[i] for i in b], tuple(int(i) for i in b)
-        groups = groups_of(batch) if shared else None
+        groups = batch_groups(batch, several=not t.packing) if shared else None  # packing: one shared prefix
         skips = [0] * len(batch)
         for g, P in groups or ():  # a group per system prompt, each with its own prefix (mlxft/prefix.py)
             for i in g:
@@ -242,8 +236,7 @@ def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
 
 def _longest(batches: list[Batch], note: str | None, data_dir) -> tuple[Batch, str]:
     best = max(batches, key=lambda b: b.padded)  # the first of equals, in training order
-    return best, note or f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + (
-        prefix_note(best))
+    return best, note or f"longest batch of {data_dir}: {best.rows} x {best.suffix} tokens" + prefix_note(best)
 
 
 def prefix_note(b: Batch) -> str:

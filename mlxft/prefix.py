@@ -263,17 +263,25 @@ def array_offsets_work(model: nn.Module) -> bool:
     return True
 
 
-def batch_groups(rows) -> list[tuple[list[int], int]] | None:
+def common_prefix(rows) -> int:
+    """The prefix all the rows share, or 0 where it is too short to pay."""
+    n = shared_prefix_length(rows)
+    return n if n >= MIN_PREFIX else 0
+
+
+def batch_groups(rows, several: bool = True) -> list[tuple[list[int], int]] | None:
     """How the shared-prefix forward runs a batch: [(row indices, their shared prefix length)], or
     None where the plain forward is the better path. One group when what all rows share saves the
-    most; a group per prefix (split_by_prefix) when that saves GROUP_GAIN times more prefix tokens
-    (rows under two system prompts share only the template's first tokens)."""
+    most; with `several` (grouped_hidden can run them), a group per prefix (split_by_prefix) when
+    that saves GROUP_GAIN times more prefix tokens (rows under two system prompts share only the
+    template's first tokens)."""
     n = shared_prefix_length(rows)
     whole = (len(rows) - 1) * n if n >= MIN_PREFIX else 0
-    split = [(g, shared_prefix_length([rows[i] for i in g])) for g in split_by_prefix(rows, n)]
-    saved = sum((len(g) - 1) * p for g, p in split)
-    if len(split) > 1 and saved > GROUP_GAIN * whole and all(p > 0 for _, p in split):  # every group has a prefix
-        return split
+    if several:
+        split = [(g, shared_prefix_length([rows[i] for i in g])) for g in split_by_prefix(rows, n)]
+        saved = sum((len(g) - 1) * p for g, p in split)
+        if len(split) > 1 and saved > GROUP_GAIN * whole and all(p > 0 for _, p in split):  # every group has a prefix
+            return split
     return [(list(range(len(rows))), n)] if whole else None
 
 
@@ -293,17 +301,11 @@ class SharedPrefixLoss:
         self._value_and_grad = nn.value_and_grad(model, self._loss)
 
     def prefix_length(self, rows) -> int:
-        """The prefix all the rows share, or 0 where it is too short to pay."""
-        n = shared_prefix_length(rows)
-        return n if n >= MIN_PREFIX else 0
+        return common_prefix(rows)
 
     def groups(self, rows) -> list[tuple[list[int], int]] | None:
         """batch_groups(rows); several groups only where the model's RoPE takes per-row offsets."""
-        groups = batch_groups(rows)
-        if groups is not None and len(groups) > 1 and not self.per_row_offsets:
-            n = shared_prefix_length(rows)
-            return [(list(range(len(rows))), n)] if n >= MIN_PREFIX else None
-        return groups
+        return batch_groups(rows, several=self.per_row_offsets)
 
     def _loss(self, model, parts, targets):
         """parts: (prefix hidden state, frozen keys/values, suffix inputs, supervised idx) for one
