@@ -206,7 +206,7 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
         rows = _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt, t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
-    from mlxft.prefix import PAD_MULTIPLE, batch_groups
+    from mlxft.prefix import PAD_MULTIPLE, batch_groups, row_groups
     from mlxft.train import epoch_order
 
     def part(batch, skips, index, prefixes=1):  # rows after their prefixes (skips: one per row; 0: full rows)
@@ -221,10 +221,7 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
     for b in order:
         batch, index = [rows[i] for i in b], tuple(int(i) for i in b)
         groups = batch_groups(batch, several=not t.packing) if shared else None  # packing: one shared prefix
-        skips = [0] * len(batch)
-        for g, P in groups or ():  # a group per system prompt, each with its own prefix (mlxft/prefix.py)
-            for i in g:
-                skips[i] = P
+        _, skips = row_groups(groups or [], len(batch))  # a group per system prompt, each with its own prefix
         out.append(part(batch, skips, index, len(groups or ())))
     return out, None
 

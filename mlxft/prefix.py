@@ -263,6 +263,16 @@ def array_offsets_work(model: nn.Module) -> bool:
     return True
 
 
+def row_groups(groups: list[tuple[list[int], int]], n_rows: int) -> tuple[list[int], list[int]]:
+    """Per row: (its group, its prefix length) from batch_groups' [(row indices, prefix length)];
+    rows outside every group: group 0, prefix 0 (full rows)."""
+    group, skips = [0] * n_rows, [0] * n_rows
+    for g, (index, P) in enumerate(groups):
+        for i in index:
+            group[i], skips[i] = g, P
+    return group, skips
+
+
 def common_prefix(rows) -> int:
     """The prefix all the rows share, or 0 where it is too short to pay."""
     n = shared_prefix_length(rows)
@@ -326,12 +336,8 @@ class SharedPrefixLoss:
             b = collate_shared(rows, groups[0][1])
             parts = (*self.frozen.get(b.prefix), b.inputs, b.idx)
             return (n_tokens, b.n_supervised), (parts, b.targets.reshape(-1)[b.idx])
-        row_group, skips = [0] * len(rows), [0] * len(rows)
-        prefixes = []
-        for g, (index, P) in enumerate(groups):
-            for i in index:
-                row_group[i], skips[i] = g, P
-            prefixes.append(self.frozen.get(mx.array(np.asarray(rows[index[0]].ids[:P], dtype=np.int32)[None])))
+        row_group, skips = row_groups(groups, len(rows))
+        prefixes = [self.frozen.get(mx.array(np.asarray(rows[index[0]].ids[:P], dtype=np.int32)[None])) for index, P in groups]
         inputs, targets, mask = pad_rows(rows, skips, PAD_MULTIPLE)
         idx = mx.array(np.flatnonzero(mask).astype(np.int32))
         parts = (prefixes, mx.array(row_group), mx.array(skips), mx.array(inputs), idx)
