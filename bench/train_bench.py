@@ -181,14 +181,13 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
 def mlxft_batches() -> tuple[list, list]:
     """(encoded train rows, mlxft train's epoch-0 batches of the default recipe as row indices =
     train.jsonl lines); read once per bench run, for mlx_lm.lora's batches and the FLOP count."""
-    from mlxft.data import encode_rows, load_splits
-    from mlxft.models import load_base
+    from mlxft.plan import _encoded_rows
     from mlxft.recipes import load_recipe
     from mlxft.train import epoch_order
 
     r = load_recipe(RECIPE, tier=8)
-    tok = load_base(r.model.source).tokenizer
-    rows = encode_rows(tok, load_splits(ROOT / r.data.path, ("train",))["train"], r.data.system_prompt, r.train.max_seq_length)
+    # The plan's cached encoding (its tokenizer alone, no weights): step_flops' epoch_batches reuses it.
+    rows = _encoded_rows(r.model.source, str(ROOT / r.data.path), r.data.system_prompt, r.train.max_seq_length)
     return rows, epoch_order(rows, r.train, 0, shared=r.train.shared_prefix)  # the default runs the shared-prefix forward
 
 
