@@ -97,15 +97,22 @@ def test_loss_curve_with_shared_prefix_matches_plain_path(tiny_model, tiny_data,
     assert_curves_match(plain, fast, CURVE_RTOL)
 
 
+def _without_system(data):
+    """The tiny training rows without their system turn: encode_rows then puts one of our choosing."""
+    from mlxft.data import read_chat_jsonl
+
+    return [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
+            for r in read_chat_jsonl(data / "train.jsonl")]
+
+
 def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data):
     """Two system prompts mixed: grouped batches come from one prompt (so the shared prefix runs
     once per batch); with one prompt the grouped order is exactly the plain length-bucketed one."""
-    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.data import encode_rows
     from mlxft.train import batch_order, prefix_groups
 
     _, tok = lora_model(tiny_model)
-    raw = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
-           for r in read_chat_jsonl(tiny_data / "train.jsonl")]  # the system prompt comes from encode_rows
+    raw = _without_system(tiny_data)
     n, k = len(raw), len(raw) * 2 // 3
     assert n >= 24
     rows = encode_rows(tok, raw[:k], SYSTEM, 64) + encode_rows(tok, raw[k:], "Another prompt, quite different.", 64)
@@ -134,12 +141,11 @@ def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data)
 def test_a_batch_under_several_system_prompts_runs_a_shared_prefix_per_group(tiny_model, tiny_data, num_layers):
     """Rows under two system prompts plus one under a third: a group per prompt, each prefix run
     once, and the loss, gradients and token counts equal the full rows'."""
-    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.data import encode_rows
     from mlxft.train import lm_head
 
     model, tok = lora_model(tiny_model, num_layers, seed=0)
-    raw = [{**r, "messages": [m for m in r["messages"] if m["role"] != "system"]}
-           for r in read_chat_jsonl(tiny_data / "train.jsonl")][:7]
+    raw = _without_system(tiny_data)[:7]
     rows = (encode_rows(tok, raw[:4], SYSTEM, 64) + encode_rows(tok, raw[4:6], "Another prompt, quite different.", 64)
             + encode_rows(tok, raw[6:], "A rare prompt.", 64))
     rows = [rows[i] for i in (4, 0, 6, 1, 5, 2, 3)]  # mixed, as a batch draws them
