@@ -70,7 +70,7 @@ def pad_batch(rows) -> dict:
 
 
 class _BatchSource:
-    """What mlxft.train._next_batch reads of a training Session: the peer draws its batches
+    """What mlxft.training.train._next_batch reads of a training Session: the peer draws its batches
     through mlxft's own function, so it follows mlxft's order whatever that order becomes."""
 
     def __init__(self, recipe, rows, shared_prefix: bool):
@@ -83,7 +83,7 @@ def mlxft_uses_shared_prefix(recipe) -> bool:
     """Whether `mlxft train` runs this recipe through its shared-prefix forward (which changes
     how it groups rows into batches). mlxft also refuses sliding-window models; the families
     it accepts have none."""
-    from mlxft.prefix import SHARED_PREFIX_FAMILIES
+    from mlxft.training.fast.prefix import SHARED_PREFIX_FAMILIES
 
     t = recipe.train
     return bool(t.shared_prefix and not t.grad_checkpoint and recipe.model.family in SHARED_PREFIX_FAMILIES)
@@ -91,9 +91,9 @@ def mlxft_uses_shared_prefix(recipe) -> bool:
 
 def mlxft_batches(model: Path, recipe, data_dir: Path, iters: int) -> list[dict]:
     """The first `iters` padded training batches `mlxft train RECIPE --model MODEL` takes."""
-    from mlxft.checkpoint import Progress
-    from mlxft.data import encode_rows, load_splits, load_tokenizer
-    from mlxft.train import _next_batch
+    from mlxft.training.checkpoint import Progress
+    from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
+    from mlxft.training.train import _next_batch
 
     t = recipe.train
     tokenizer, _ = load_tokenizer(str(model))
@@ -106,7 +106,7 @@ def mlxft_batches(model: Path, recipe, data_dir: Path, iters: int) -> list[dict]
 
 def learning_rates(recipe, iters: int) -> list[float]:
     """mlxft's learning rate for each of `iters` steps (its own schedule, evaluated once)."""
-    from mlxft.train import build_schedule
+    from mlxft.training.train import build_schedule
 
     schedule = build_schedule(recipe, iters)
     return [float(schedule(k).item()) for k in range(iters)]
@@ -272,7 +272,7 @@ def main() -> None:
     })
     text = json.dumps(result, indent=1)
     if args.out:
-        from mlxft.runs import write_atomic
+        from mlxft.runs.run import write_atomic
 
         write_atomic(Path(args.out), text)
     else:

@@ -26,7 +26,7 @@ import mlxft  # noqa: E402,F401  (OpenBLAS before mlx)
 from conftest import SYSTEM, make_tiny_llama  # noqa: E402
 from lora_fixtures import BRACKETS, make_adapter_run  # noqa: E402
 
-from mlxft.serve import Limits, load_engine, make_server  # noqa: E402
+from mlxft.inference.serve import Limits, load_engine, make_server  # noqa: E402
 
 MODELS = ["base", "a", "b"]
 PROMPTS = [f"{w} {n}" for w in ("alpha", "beta", "gamma", "x y") for n in ("x", "z w")]

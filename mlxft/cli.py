@@ -65,7 +65,7 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
     """Convert a GGUF file into an mlx-lm model folder."""
     from pathlib import Path
 
-    from mlxft.gguf import import_gguf
+    from mlxft.models.gguf import import_gguf
 
     out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
     click.echo(f"wrote {out}")
@@ -98,9 +98,9 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from pathlib import Path
 
-    from mlxft import distributed
+    from mlxft.training import distributed
     from mlxft.recipes import load_recipe
-    from mlxft.train import resume, train as run_training
+    from mlxft.training.train import resume, train as run_training
 
     if hosts or hostfile or launch_args:  # re-run this command on every host, as ranks of one job
         argv = distributed.rank_argv(sys.argv[sys.argv.index("train"):])
@@ -118,20 +118,20 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
-        if r.train.method == "sft":  # the memory plan models SFT steps (mlxft/plan.py)
-            from mlxft.plan import check_fits
+        if r.train.method == "sft":  # the memory plan models SFT steps (mlxft/training/plan.py)
+            from mlxft.training.plan import check_fits
 
             r = check_fits(r, data_dir, auto_fit, click.echo)
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
     run_recipe = result.run.read_config()["recipe"] if compare else {}
     if compare and run_recipe["train"].get("method", "sft") != "sft" and not run_recipe.get("eval", {}).get("suites"):
-        from mlxft.preference import compare_pairs, format_pairs  # no suites named: log-prob preference on test pairs
+        from mlxft.training.preference import compare_pairs, format_pairs  # no suites named: log-prob preference on test pairs
 
         click.echo(format_pairs(compare_pairs(result.run.root, log=click.echo)))
         compare = False
     if compare:
-        from mlxft.evaluate import compare_run, format_comparison
+        from mlxft.evaluation.evaluate import compare_run, format_comparison
 
         evaluated = compare_run(result.run.root, log=click.echo)
         click.echo(format_comparison(evaluated))
@@ -149,7 +149,7 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
 @friendly
 def plan_cmd(recipe, tier, overrides, data_dir, model):
     """Predict peak memory and tokens/s of training RECIPE, and whether it fits the tier."""
-    from mlxft.plan import format_plan, plan_recipe
+    from mlxft.training.plan import format_plan, plan_recipe
     from mlxft.recipes import load_recipe
 
     if model:
@@ -172,7 +172,7 @@ def plan_cmd(recipe, tier, overrides, data_dir, model):
 @friendly
 def eval_cmd(run_or_model, suites, against, data, split, failures):
     """Score base vs adapter on eval suites; print the table, write RUN/eval.json; exit 1 if a gate fails."""
-    from mlxft.evaluate import compare_run, format_comparison
+    from mlxft.evaluation.evaluate import compare_run, format_comparison
 
     result = compare_run(run_or_model, list(suites), against, data, split, log=click.echo)
     click.echo(format_comparison(result, failures))
@@ -189,7 +189,7 @@ def eval_cmd(run_or_model, suites, against, data, split, failures):
 @friendly
 def eval_pairs(run, data):
     """Preference accuracy of base vs adapter on held-out pairs (log-probs); adds a suite to RUN/eval.json."""
-    from mlxft.preference import compare_pairs, format_pairs
+    from mlxft.training.preference import compare_pairs, format_pairs
 
     result = compare_pairs(run, data, log=click.echo)
     click.echo(format_pairs(result))
@@ -205,11 +205,11 @@ def eval_pairs(run, data):
 @friendly
 def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Generate a reply from TARGET: a run folder or a model (builtin:, folder, .gguf, hub id)."""
-    from mlxft.generate import Sampling, generate_text, load_target
+    from mlxft.inference.generate import Sampling, generate_text, load_target
 
     loaded = load_target(target)
     if show_probs:
-        from mlxft.sampling import show_probs as show
+        from mlxft.inference.sampling import show_probs as show
 
         return show(loaded, prompt, system if system is not None else loaded.system_prompt,
                     Sampling(temp, top_p, top_k, min_p, max_tokens, seed), show_probs)
@@ -223,7 +223,7 @@ def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, 
 @friendly
 def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Chat in the terminal with TARGET: a run folder or a model."""
-    from mlxft.generate import Sampling, chat_loop, load_target
+    from mlxft.inference.generate import Sampling, chat_loop, load_target
 
     loaded = load_target(target)
     chat_loop(loaded, system if system is not None else loaded.system_prompt,
@@ -268,8 +268,8 @@ def data():
 @friendly
 def data_prepare(src, out, split_text, seed, fmt, recipe, model):
     """Normalise SRC (file or folder; chat, ShareGPT, Alpaca, ...) to chat JSONL splits in OUT."""
-    from mlxft.lint import recipe_and_tokenizer
-    from mlxft.prepare import parse_split, prepare_dataset
+    from mlxft.data.check import recipe_and_tokenizer
+    from mlxft.data.prepare import parse_split, prepare_dataset
 
     fractions = parse_split(split_text)
     r, tokenizer, why = recipe_and_tokenizer(recipe, model)
@@ -290,7 +290,7 @@ def data_prepare(src, out, split_text, seed, fmt, recipe, model):
 @friendly
 def data_check(path, recipe, model, fmt, fix_out, limit):
     """Report every problem in PATH (file or folder) with file and line; exit 1 on errors."""
-    from mlxft.lint import check_path, recipe_and_tokenizer
+    from mlxft.data.check import check_path, recipe_and_tokenizer
 
     r, tokenizer, why = recipe_and_tokenizer(recipe, model)
     if why:
@@ -298,7 +298,7 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
     report = check_path(path, r, tokenizer, fmt)
     click.echo(report.format(limit))
     if fix_out:
-        from mlxft.prepare import write_clean
+        from mlxft.data.prepare import write_clean
 
         kept, dropped = write_clean(report, fix_out)
         click.echo(f"wrote a cleaned copy to {fix_out}: " + ", ".join(f"{s} {n} rows" for s, n in kept.items())
@@ -317,7 +317,7 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
 @friendly
 def serve(base, adapters, host, port, max_tokens_cap, max_queue):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
-    from mlxft.serve import Limits, load_engine, make_server, parse_adapter_args
+    from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args
 
     engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
                          log=click.echo)
@@ -341,7 +341,7 @@ def serve(base, adapters, host, port, max_tokens_cap, max_queue):
 @friendly
 def fuse(run, out_dir, dequantize):
     """Merge RUN's adapter into its base and write an mlx-lm/HF model folder (verified before it is kept)."""
-    from mlxft.fuse import fuse_run
+    from mlxft.models.fuse import fuse_run
 
     report = fuse_run(run, out_dir, dequantize=dequantize, log=click.echo)
     click.echo(f"wrote {report.out}")
@@ -355,7 +355,7 @@ def fuse(run, out_dir, dequantize):
 @friendly
 def report(run):
     """Write RUN/report.html: run card, loss/throughput/memory curves, eval tables (self-contained, offline)."""
-    from mlxft.report import write_report
+    from mlxft.runs.report import write_report
 
     click.echo(f"wrote {write_report(run)}")
 
@@ -368,7 +368,7 @@ def runs(ctx, runs_dir):
     """List runs with their key figures; `mlxft runs compare A B` puts two side by side."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlxft.run_summary import format_run_list, list_runs
+    from mlxft.runs.summary import format_run_list, list_runs
 
     found = list_runs(runs_dir)
     click.echo(format_run_list(found) if found else "no runs yet (mlxft train RECIPE makes one)")
@@ -380,7 +380,7 @@ def runs(ctx, runs_dir):
 @friendly
 def runs_compare(run_a, run_b):
     """Config differences, metrics and eval scores of RUN_A and RUN_B side by side."""
-    from mlxft.run_compare import compare_runs
+    from mlxft.runs.compare import compare_runs
 
     click.echo(compare_runs(run_a, run_b))
 
@@ -421,8 +421,8 @@ def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe,
     """Generate N training rows into OUT with a teacher; rerun the same command to continue."""
     from pathlib import Path
 
-    from mlxft.synth import SynthOptions, run_synth
-    from mlxft.teacher import TeacherSampling
+    from mlxft.data.synth import SynthOptions, run_synth
+    from mlxft.data.teacher import TeacherSampling
 
     opts = SynthOptions(Path(seeds), n, Path(out), mode, Path(template) if template else None, system,
                         tuple(Path(p) for p in against), TeacherSampling(temp, top_p, max_tokens), seed, max_attempts)
@@ -449,7 +449,7 @@ def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe,
 @friendly
 def baseline(recipe, suite, shots, seed, run, model, runs_dir):
     """Score RECIPE's base model zero-shot and few-shot on a suite: is fine-tuning needed at all?"""
-    from mlxft.baseline import format_baseline, resolve_target, run_baseline
+    from mlxft.evaluation.baseline import format_baseline, resolve_target, run_baseline
 
     target = resolve_target(recipe, run, model, runs_dir)
     entry = run_baseline(target, suite, shots, seed, log=click.echo)

@@ -48,14 +48,14 @@ class TrainConfig:
     batch_size: int = 4
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
-    # Run the prompt prefix every row shares once per batch (mlxft/prefix.py); same loss up to fp rounding.
+    # Run the prompt prefix every row shares once per batch (mlxft/training/fast/prefix.py); same loss up to fp rounding.
     shared_prefix: bool = True
     # Pack each micro-batch's rows end to end (block-diagonal mask, positions restart per row;
-    # mlxft/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint. Opt-in:
+    # mlxft/training/fast/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint. Opt-in:
     # measured -11% CPU on the default recipe at light load but +8% on an older tree under heavy
     # load (README "Sequence packing"); the bins' masked attention eats most of the padding saved.
     packing: bool = False
-    # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/fastmath.py):
+    # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/training/fast/fastmath.py):
     # mlx's CPU exp is scalar and cost more than the MLP's matmuls. The attention's and the loss's
     # softmaxes use the same fast exp as one fused kernel (needs g++). Same values to fp32 rounding.
     fast_silu: bool = True
@@ -80,7 +80,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     # sft: next-token loss on the answers; dpo / orpo: preference pairs (chosen + rejected),
-    # see mlxft/preference.py and the `preference:` section.
+    # see mlxft/training/preference.py and the `preference:` section.
     method: str = "sft"
 
 
@@ -104,7 +104,7 @@ class TierConfig:
 
 @dataclass
 class PreferenceConfig:
-    """DPO / ORPO settings, used when train.method is dpo or orpo (mlxft/preference.py)."""
+    """DPO / ORPO settings, used when train.method is dpo or orpo (mlxft/training/preference.py)."""
 
     beta: float = 0.1  # DPO: weight of the implicit KL anchor to the base; higher = stay closer to it
     label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of mislabelled pairs (conservative DPO)

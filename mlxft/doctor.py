@@ -69,7 +69,7 @@ def blas_description() -> str:
 
 
 def collect() -> dict:
-    from mlxft.models import backend
+    from mlxft.models.load import backend
     from mlxft.recipes import detect_tier, usable_memory_bytes
 
     total, avail = memory_bytes()

@@ -1,0 +1,174 @@
+"""Many LoRA adapters over one loaded base: switch per request without reloading the base.
+
+LoRA layers are attached once; activating an adapter swaps the lora_a/lora_b tensors and
+the scale of each wrapped linear (scale 0 where the adapter has no tensors, and for the
+base). mlx-lm's own server reloads the model to change adapters; this keeps the base in
+memory once and makes a switch cost a few dictionary assignments.
+
+Not thread-safe by design: the server drives it from a single generation thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxft.errors import MlxftError
+from mlxft.runs.run import RunDir, is_run
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BASE_NAME = "base"  # the model id that serves the base without any adapter
+
+
+class AdapterError(MlxftError):
+    """An adapter cannot be found, read or applied to this base."""
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path  # the folder holding adapters.safetensors
+    scale: float
+    system_prompt: str | None
+    chat_template: str | None
+    base_source: str | None  # the base the adapter was trained on, as the run recorded it
+    modules: dict[str, dict[str, mx.array]] = field(default_factory=dict)  # module path -> lora_a/lora_b
+
+
+def validate_name(name: str) -> str:
+    """Names become URL segments and model ids: a plain token, no slashes or dots first."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise AdapterError(f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (max 64), starting with a letter or digit")
+    if name == BASE_NAME:
+        raise AdapterError(f"the adapter name '{BASE_NAME}' is reserved for the base model")
+    return name
+
+
+def read_adapter(name: str, path: str | Path) -> Adapter:
+    """Read an adapter from a run folder (its best adapters) or an adapters folder."""
+    validate_name(name)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise AdapterError(f"adapter '{name}': {path} is not a folder")
+    run_cfg: dict = {}
+    if is_run(path):
+        run = RunDir.open(path)
+        run_cfg = run.read_config()
+        folder = run.best_adapters
+    elif (path / "adapter_config.json").is_file():
+        folder = path
+    else:
+        raise AdapterError(f"adapter '{name}': {path} is neither an mlxft run folder nor an adapters folder (no adapter_config.json)")
+    weights_file = folder / "adapters.safetensors"
+    if not weights_file.is_file():
+        raise AdapterError(f"adapter '{name}': {weights_file} is missing")
+    try:
+        acfg = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter '{name}': cannot read {folder}/adapter_config.json: {e}") from None
+    kind = acfg.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise AdapterError(f"adapter '{name}' is fine_tune_type={kind!r}; the server switches LoRA adapters only")
+    weights = mx.load(str(weights_file))
+    mx.eval(weights)  # materialise here: lazy arrays are bound to this thread's stream, generation runs on another
+    modules: dict[str, dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        mod, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_a", "lora_b"):
+            raise AdapterError(f"adapter '{name}': unexpected tensor {key} in {weights_file} (LoRA tensors only)")
+        modules.setdefault(mod, {})[leaf] = value
+    recipe = run_cfg.get("recipe") or {}
+    base_source = (recipe.get("model") or {}).get("source") or acfg.get("base_model")
+    return Adapter(
+        name=name,
+        path=folder,
+        scale=float(acfg.get("lora_parameters", {}).get("scale", 20.0)),
+        # the run's config.json is the record of training; adapter_config.json carries the same fields
+        system_prompt=run_cfg.get("system_prompt", acfg.get("system_prompt")),
+        chat_template=run_cfg.get("chat_template") or acfg.get("chat_template"),
+        base_source=base_source,
+        modules=modules,
+    )
+
+
+class AdapterPool:
+    """One base model, LoRA layers attached on demand, any number of adapters held in memory."""
+
+    def __init__(self, model: nn.Module, tokenizer, base_template: str | None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_template = base_template
+        self.adapters: dict[str, Adapter] = {}
+        self.wrapped: dict[str, nn.Module] = {}  # module path -> LoRALinear attached to the base
+        self.active: str | None = None
+
+    def names(self) -> list[str]:
+        return [BASE_NAME, *self.adapters]
+
+    def add(self, adapter: Adapter) -> None:
+        """Check the adapter fits this base, wrap any linear it needs that is not wrapped yet."""
+        from mlx_lm.tuner.lora import LoRALinear
+
+        if adapter.name in self.adapters:
+            raise AdapterError(f"an adapter named '{adapter.name}' is already loaded")
+        new = {}
+        modules = dict(self.model.named_modules())
+        for path, tensors in adapter.modules.items():
+            if set(tensors) != {"lora_a", "lora_b"}:
+                raise AdapterError(f"adapter '{adapter.name}': {path} lacks lora_a or lora_b")
+            target = self.wrapped.get(path) or new.get(path)
+            if target is None:
+                base = modules.get(path)
+                if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+                    raise AdapterError(f"adapter '{adapter.name}' does not fit this base: no linear layer at {path}")
+                target = LoRALinear.from_base(base, r=tensors["lora_a"].shape[1], scale=0.0)
+                new[path] = target
+            in_dims, out_dims = target.lora_a.shape[0], target.lora_b.shape[1]
+            a, b = tensors["lora_a"], tensors["lora_b"]
+            if a.shape[0] != in_dims or b.shape[1] != out_dims or a.shape[1] != b.shape[0]:
+                raise AdapterError(
+                    f"adapter '{adapter.name}' does not fit this base at {path}: lora_a {a.shape}, lora_b {b.shape} "
+                    f"for a {in_dims}->{out_dims} linear (trained on another base model?)"
+                )
+        if new:
+            from mlx.utils import tree_unflatten
+
+            mx.eval([m.parameters() for m in new.values()])  # same reason as in read_adapter
+            self.model.update_modules(tree_unflatten(list(new.items())))
+            self.wrapped.update(new)
+            self.active = None  # new layers start at scale 0; force a re-activation
+        self.adapters[adapter.name] = adapter
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            raise AdapterError(f"no adapter named '{name}'")
+        del self.adapters[name]  # its wrapped layers stay (scale 0 for others); cheap and keeps shapes stable
+        if self.active == name:
+            self.active = None
+
+    def activate(self, name: str) -> None:
+        """Point every wrapped linear at `name`'s tensors (scale 0 where it has none), set its chat template."""
+        if name == self.active:
+            return
+        adapter = self.adapters.get(name) if name != BASE_NAME else None
+        if name != BASE_NAME and adapter is None:
+            raise AdapterError(f"no adapter named '{name}'")
+        for path, layer in self.wrapped.items():
+            tensors = adapter.modules.get(path) if adapter else None
+            if tensors is None:
+                layer.scale = 0.0
+            else:
+                layer.lora_a, layer.lora_b, layer.scale = tensors["lora_a"], tensors["lora_b"], adapter.scale
+        template = (adapter.chat_template if adapter else None) or self.base_template
+        if template:
+            self.tokenizer._tokenizer.chat_template = template
+        self.active = name
+
+    def system_prompt(self, name: str) -> str | None:
+        return self.adapters[name].system_prompt if name in self.adapters else None

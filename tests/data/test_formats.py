@@ -1,0 +1,135 @@
+"""Formats in: detection, normalising, prepare's deterministic split and manifest."""
+
+import csv
+import hashlib
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from mlxft.cli import main
+from mlxft.data.encode import load_splits
+from mlxft.data.formats import load_dataset
+from mlxft.data.prepare import assign_split, prepare_dataset
+
+CHAT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+ROWS = {
+    "chat": {"messages": CHAT},
+    "sharegpt": {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    "alpaca": {"instruction": "q", "input": "", "output": "a"},
+    "completions": {"prompt": "q", "completion": "a"},
+    "text": {"text": "just text"},
+    "preference": {"prompt": "q", "chosen": "a", "rejected": "b"},
+}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("fmt", sorted(ROWS))
+def test_each_format_is_detected_and_normalised(fmt, tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps(ROWS[fmt]) + "\n")
+    ds = load_dataset(tmp_path / "data.jsonl")
+    assert list(ds.formats.values()) == [fmt] and not ds.problems
+    row = ds.splits["data"][0].row
+    assert row == ({"text": "just text"} if fmt == "text" else
+                   {"messages": CHAT, **({"rejected": [{"role": "assistant", "content": "b"}]} if fmt == "preference" else {})})
+
+
+def test_sharegpt_system_alpaca_input_and_content_parts(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "Add", "input": "1 2", "output": "3", "system": "S"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]},
+        {"role": "assistant", "content": "hi"}]}) + "\n")
+    ds = load_dataset(tmp_path)
+    first, second = (e.row["messages"] for e in ds.splits["data"])
+    assert first == [{"role": "system", "content": "S"}, {"role": "user", "content": "Add\n\n1 2"},
+                     {"role": "assistant", "content": "3"}]
+    assert second[0]["content"] == "hello"
+
+
+def test_json_array_csv_and_tsv(tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps([ROWS["alpaca"]] * 2))
+    with open(tmp_path / "valid.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion"])
+        w.writerow(["multi\nline, quoted", "a"])
+    (tmp_path / "test.tsv").write_text("instruction\toutput\nq\ta\n")
+    ds = load_dataset(tmp_path)
+    assert not ds.problems
+    assert ds.formats == {str(tmp_path / "test.tsv"): "alpaca", str(tmp_path / "train.json"): "alpaca",
+                          str(tmp_path / "valid.csv"): "completions"}
+    assert ds.splits["valid"][0].row["messages"][0]["content"] == "multi\nline, quoted"
+    assert ds.splits["train"][1].where.endswith("train.json[1]")
+
+
+def test_format_override_and_bom_tolerated(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS["completions"]).encode() + b"\r\n")
+    ds = load_dataset(p, fmt="completions")
+    assert [q.severity for q in ds.problems] == ["warning"] and "BOM" in ds.problems[0].message
+    ds = load_dataset(p, fmt="alpaca")
+    assert "missing key(s) instruction, output" in ds.problems[-1].message
+
+
+def _corpus(n=200):
+    rng = random.Random(1)
+    return [{"instruction": f"task {i} {rng.random():.6f}", "output": f"answer {i}"} for i in range(n)]
+
+
+def test_split_is_stable_under_reordering_and_seeded(tmp_path, tiny_model):
+    rows = _corpus()
+    for name, order in (("a", rows), ("b", list(reversed(rows)))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in order))
+        r = run("data", "prepare", tmp_path / f"{name}.jsonl", tmp_path / f"out-{name}", "--model", tiny_model)
+        assert r.exit_code == 0, r.output
+
+    def split_of(out):
+        return {line: s for s in ("train", "valid", "test") for line in (out / f"{s}.jsonl").read_text().splitlines()}
+
+    assert split_of(tmp_path / "out-a") == split_of(tmp_path / "out-b")
+    chat = {"messages": CHAT}
+    assert {assign_split(chat, seed) for seed in range(50)} == {"train", "valid", "test"}
+    counts = [sum(assign_split({"text": str(i)}, 0) == "train" for i in range(2000))]
+    assert 0.87 < counts[0] / 2000 < 0.93
+
+
+def test_manifest_and_refusal_to_overwrite(tmp_path, tiny_model):
+    from mlxft.data.encode import load_tokenizer
+    from mlxft.recipes import load_recipe
+
+    src = tmp_path / "src.jsonl"
+    rows = _corpus(100)
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:5]))  # 5 exact duplicates
+    recipe = load_recipe("smollm2-135m", overrides=[f"model.source={tiny_model}"])
+    out = tmp_path / "out"
+    m = prepare_dataset(src, out, (0.8, 0.1, 0.1), 3, None, load_tokenizer(str(tiny_model))[0], recipe,
+                        log=lambda s: None).manifest
+    assert m["dropped_exact_duplicates"] == 5 and m["formats"] == {"src.jsonl": "alpaca"} and m["seed"] == 3
+    assert sum(s["rows"] for s in m["splits"].values()) == 100
+    for split, entry in m["splits"].items():
+        assert entry["sha256"] == hashlib.sha256((out / f"{split}.jsonl").read_bytes()).hexdigest()
+        assert entry["tokens"]["supervised"] > 0 and entry["tokens"]["truncated"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src.jsonl"]  # no temp folder left
+    r = run("data", "prepare", src, out, "--model", tiny_model)
+    assert r.exit_code == 1 and "not empty" in r.output
+
+
+def test_unseen_format_prepared_checked_and_trained(tmp_path, tiny_model):
+    """A ShareGPT JSON array with tool-free multi-turn rows goes through prepare -> check -> train."""
+    rng = random.Random(0)
+    rows = [{"conversations": [{"from": "human", "value": f"{w} {rng.random():.5f}"}, {"from": "gpt", "value": w},
+                               {"from": "human", "value": "again"}, {"from": "gpt", "value": w}]}
+            for w in rng.choices(["alpha", "beta", "gamma"], k=120)]
+    (tmp_path / "dump.json").write_text(json.dumps(rows))
+    out = tmp_path / "prepared"
+    assert run("data", "prepare", tmp_path / "dump.json", out, "--model", tiny_model).exit_code == 0
+    check = run("data", "check", out, "--model", tiny_model)
+    assert check.exit_code == 0, check.output
+    assert load_splits(out)["train"][0]["messages"][1]["role"] == "assistant"
+    r = run("train", "smollm2-135m", "--data", out, "--runs-dir", tmp_path / "runs", "--model", tiny_model,
+            "--set", "train.iters=2", "--set", "train.batch_size=2", "--set", "lora.num_layers=1",
+            "--set", "train.val_every=2", "--set", "train.val_batches=1")
+    assert r.exit_code == 0, r.output
