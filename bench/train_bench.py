@@ -39,7 +39,7 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
 from mlxft.training.plan import STEP_EFFICIENCY
-from mlxft.runs.run import write_atomic
+from mlxft.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "smollm2-135m"
@@ -183,12 +183,13 @@ def mlxft_batches() -> tuple[list, list]:
     train.jsonl lines); read once per bench run, for mlx_lm.lora's batches and the FLOP count."""
     from mlxft.training.plan import _encoded_rows
     from mlxft.recipes import load_recipe
-    from mlxft.training.train import epoch_order
+    from mlxft.training.batches import EpochBatches
+    from mlxft.training.fast.paths import speed_paths
 
     r = load_recipe(RECIPE, tier=8)
     # The plan's cached encoding (its tokenizer alone, no weights): step_flops' epoch_batches reuses it.
     rows = _encoded_rows(r.model.source, str(ROOT / r.data.path), r.data.system_prompt, r.train.max_seq_length)
-    return rows, epoch_order(rows, r.train, 0, shared=r.train.shared_prefix)  # the default runs the shared-prefix forward
+    return rows, EpochBatches(rows, r.train, grouped=speed_paths(r).grouped_batches).order(0)
 
 
 def step_flops(iters: int) -> tuple[float, float]:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
 import mlxft
+
 from mlxft.errors import MlxftError
 
 
@@ -63,9 +65,7 @@ def main():
 @friendly
 def import_gguf_cmd(gguf_file, out_dir, dequantize):
     """Convert a GGUF file into an mlx-lm model folder."""
-    from pathlib import Path
-
-    from mlxft.models.gguf import import_gguf
+    from mlxft.models.gguf import import_gguf  # lazy: CLI start-up
 
     out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
     click.echo(f"wrote {out}")
@@ -96,11 +96,10 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args,
           auto_fit):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
-    from pathlib import Path
-
+    from mlxft.recipes import load_recipe  # lazy: CLI start-up
+    from mlxft.runs.run import Run
     from mlxft.training import distributed
-    from mlxft.recipes import load_recipe
-    from mlxft.training.train import resume, train as run_training
+    from mlxft.training.setup import resume, train as run_training
 
     if hosts or hostfile or launch_args:  # re-run this command on every host, as ranks of one job
         argv = distributed.rank_argv(sys.argv[sys.argv.index("train"):])
@@ -118,20 +117,17 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
-        if r.train.method == "sft":  # the memory plan models SFT steps (mlxft/training/plan.py)
-            from mlxft.training.plan import check_fits
-
-            r = check_fits(r, data_dir, auto_fit, click.echo)
-        result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
+        result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None, auto_fit=auto_fit)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
-    run_recipe = result.run.read_config()["recipe"] if compare else {}
-    if compare and run_recipe["train"].get("method", "sft") != "sft" and not run_recipe.get("eval", {}).get("suites"):
-        from mlxft.training.preference import compare_pairs, format_pairs  # no suites named: log-prob preference on test pairs
+    trained = Run.open(result.run.root) if compare else None
+    if compare and trained.method != "sft" and not trained.recipe.eval.suites:
+        # lazy: CLI start-up (no suites named: log-prob preference on the test pairs)
+        from mlxft.evaluation.pairs import compare_pairs, format_pairs
 
         click.echo(format_pairs(compare_pairs(result.run.root, log=click.echo)))
         compare = False
     if compare:
-        from mlxft.evaluation.evaluate import compare_run, format_comparison
+        from mlxft.evaluation.evaluate import compare_run, format_comparison  # lazy: CLI start-up
 
         evaluated = compare_run(result.run.root, log=click.echo)
         click.echo(format_comparison(evaluated))
@@ -149,7 +145,7 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
 @friendly
 def plan_cmd(recipe, tier, overrides, data_dir, model):
     """Predict peak memory and tokens/s of training RECIPE, and whether it fits the tier."""
-    from mlxft.training.plan import format_plan, plan_recipe
+    from mlxft.training.plan import format_plan, plan_recipe  # lazy: CLI start-up
     from mlxft.recipes import load_recipe
 
     if model:
@@ -172,7 +168,7 @@ def plan_cmd(recipe, tier, overrides, data_dir, model):
 @friendly
 def eval_cmd(run_or_model, suites, against, data, split, failures):
     """Score base vs adapter on eval suites; print the table, write RUN/eval.json; exit 1 if a gate fails."""
-    from mlxft.evaluation.evaluate import compare_run, format_comparison
+    from mlxft.evaluation.evaluate import compare_run, format_comparison  # lazy: CLI start-up
 
     result = compare_run(run_or_model, list(suites), against, data, split, log=click.echo)
     click.echo(format_comparison(result, failures))
@@ -189,7 +185,7 @@ def eval_cmd(run_or_model, suites, against, data, split, failures):
 @friendly
 def eval_pairs(run, data):
     """Preference accuracy of base vs adapter on held-out pairs (log-probs); adds a suite to RUN/eval.json."""
-    from mlxft.training.preference import compare_pairs, format_pairs
+    from mlxft.evaluation.pairs import compare_pairs, format_pairs  # lazy: CLI start-up
 
     result = compare_pairs(run, data, log=click.echo)
     click.echo(format_pairs(result))
@@ -205,16 +201,14 @@ def eval_pairs(run, data):
 @friendly
 def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Generate a reply from TARGET: a run folder or a model (builtin:, folder, .gguf, hub id)."""
-    from mlxft.inference.generate import Sampling, generate_text, load_target
+    from mlxft.inference.generate import Sampling, generate_text, load_target  # lazy: CLI start-up
+    from mlxft.inference.sampling import show_probs as show
 
     loaded = load_target(target)
+    sampling = Sampling(temp, top_p, top_k, min_p, max_tokens, seed)
     if show_probs:
-        from mlxft.inference.sampling import show_probs as show
-
-        return show(loaded, prompt, system if system is not None else loaded.system_prompt,
-                    Sampling(temp, top_p, top_k, min_p, max_tokens, seed), show_probs)
-    generate_text(loaded, prompt, system if system is not None else loaded.system_prompt,
-                  Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+        return show(loaded, prompt, loaded.system(system), sampling, show_probs)
+    generate_text(loaded, prompt, loaded.system(system), sampling)
 
 
 @main.command()
@@ -223,11 +217,10 @@ def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, 
 @friendly
 def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Chat in the terminal with TARGET: a run folder or a model."""
-    from mlxft.inference.generate import Sampling, chat_loop, load_target
+    from mlxft.inference.generate import Sampling, chat_loop, load_target  # lazy: CLI start-up
 
     loaded = load_target(target)
-    chat_loop(loaded, system if system is not None else loaded.system_prompt,
-              Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+    chat_loop(loaded, loaded.system(system), Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
 
 
 @main.command()
@@ -235,7 +228,7 @@ def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
 @friendly
 def doctor(as_json):
     """Show what this machine gives mlx: device, BLAS, measured GFLOP/s, memory tier."""
-    from mlxft.doctor import collect, format_report
+    from mlxft.doctor import collect, format_report  # lazy: CLI start-up
 
     info = collect()
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
@@ -268,7 +261,7 @@ def data():
 @friendly
 def data_prepare(src, out, split_text, seed, fmt, recipe, model):
     """Normalise SRC (file or folder; chat, ShareGPT, Alpaca, ...) to chat JSONL splits in OUT."""
-    from mlxft.data.check import recipe_and_tokenizer
+    from mlxft.data.check import recipe_and_tokenizer  # lazy: CLI start-up
     from mlxft.data.prepare import parse_split, prepare_dataset
 
     fractions = parse_split(split_text)
@@ -290,7 +283,8 @@ def data_prepare(src, out, split_text, seed, fmt, recipe, model):
 @friendly
 def data_check(path, recipe, model, fmt, fix_out, limit):
     """Report every problem in PATH (file or folder) with file and line; exit 1 on errors."""
-    from mlxft.data.check import check_path, recipe_and_tokenizer
+    from mlxft.data.check import check_path, recipe_and_tokenizer  # lazy: CLI start-up
+    from mlxft.data.prepare import write_clean
 
     r, tokenizer, why = recipe_and_tokenizer(recipe, model)
     if why:
@@ -298,8 +292,6 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
     report = check_path(path, r, tokenizer, fmt)
     click.echo(report.format(limit))
     if fix_out:
-        from mlxft.data.prepare import write_clean
-
         kept, dropped = write_clean(report, fix_out)
         click.echo(f"wrote a cleaned copy to {fix_out}: " + ", ".join(f"{s} {n} rows" for s, n in kept.items())
                    + f"; {dropped} rows dropped (see fix_log.jsonl); the input is unchanged")
@@ -317,7 +309,7 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
 @friendly
 def serve(base, adapters, host, port, max_tokens_cap, max_queue):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
-    from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args
+    from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args  # lazy: CLI start-up
 
     engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
                          log=click.echo)
@@ -341,7 +333,7 @@ def serve(base, adapters, host, port, max_tokens_cap, max_queue):
 @friendly
 def fuse(run, out_dir, dequantize):
     """Merge RUN's adapter into its base and write an mlx-lm/HF model folder (verified before it is kept)."""
-    from mlxft.models.fuse import fuse_run
+    from mlxft.models.fuse import fuse_run  # lazy: CLI start-up
 
     report = fuse_run(run, out_dir, dequantize=dequantize, log=click.echo)
     click.echo(f"wrote {report.out}")
@@ -355,7 +347,7 @@ def fuse(run, out_dir, dequantize):
 @friendly
 def report(run):
     """Write RUN/report.html: run card, loss/throughput/memory curves, eval tables (self-contained, offline)."""
-    from mlxft.runs.report import write_report
+    from mlxft.runs.report import write_report  # lazy: CLI start-up
 
     click.echo(f"wrote {write_report(run)}")
 
@@ -368,7 +360,7 @@ def runs(ctx, runs_dir):
     """List runs with their key figures; `mlxft runs compare A B` puts two side by side."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlxft.runs.summary import format_run_list, list_runs
+    from mlxft.runs.summary import format_run_list, list_runs  # lazy: CLI start-up
 
     found = list_runs(runs_dir)
     click.echo(format_run_list(found) if found else "no runs yet (mlxft train RECIPE makes one)")
@@ -380,7 +372,7 @@ def runs(ctx, runs_dir):
 @friendly
 def runs_compare(run_a, run_b):
     """Config differences, metrics and eval scores of RUN_A and RUN_B side by side."""
-    from mlxft.runs.compare import compare_runs
+    from mlxft.runs.compare import compare_runs  # lazy: CLI start-up
 
     click.echo(compare_runs(run_a, run_b))
 
@@ -419,9 +411,7 @@ def runs_compare(run_a, run_b):
 def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe, against, filters, judge, judge_model,
           judge_threshold, judge_template, temp, top_p, max_tokens, seed, max_attempts):
     """Generate N training rows into OUT with a teacher; rerun the same command to continue."""
-    from pathlib import Path
-
-    from mlxft.data.synth import SynthOptions, run_synth
+    from mlxft.data.synth import SynthOptions, run_synth  # lazy: CLI start-up
     from mlxft.data.teacher import TeacherSampling
 
     opts = SynthOptions(Path(seeds), n, Path(out), mode, Path(template) if template else None, system,
@@ -449,13 +439,13 @@ def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe,
 @friendly
 def baseline(recipe, suite, shots, seed, run, model, runs_dir):
     """Score RECIPE's base model zero-shot and few-shot on a suite: is fine-tuning needed at all?"""
-    from mlxft.evaluation.baseline import format_baseline, resolve_target, run_baseline
+    from mlxft.evaluation.baseline import format_baseline, resolve_target, run_baseline  # lazy: CLI start-up
 
     target = resolve_target(recipe, run, model, runs_dir)
     entry = run_baseline(target, suite, shots, seed, log=click.echo)
     click.echo(format_baseline(entry))
     click.echo(f"recorded in {target.baseline_path}" + (" and its eval.json" if target.run and
-                                                       target.run.eval_json.is_file() else ""))
+                                                       target.run.folder.eval_json.is_file() else ""))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ stage reads the resolved `Recipe` and never touches raw YAML dicts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -140,3 +141,25 @@ class Recipe:
     quantize: int | None = None
     tiers: dict[int, TierConfig] = field(default_factory=dict)
     tier: int | None = None  # the tier the recipe was resolved for
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain dicts/lists (config.json's "recipe")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """The Recipe a run recorded with `to_dict`, so a resumed or re-read run uses exactly it.
+        Keys this version does not know are ignored; missing ones take their defaults."""
+
+        def build(section, values: dict):
+            names = {f.name for f in dataclasses.fields(section)}
+            return section(**{k: v for k, v in values.items() if k in names})
+
+        sections = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "data": DataConfig,
+                    "eval": EvalConfig, "preference": PreferenceConfig}
+        recipe = build(cls, {k: v for k, v in data.items() if k not in sections and k != "tiers"})
+        for name, section in sections.items():
+            setattr(recipe, name, build(section, data.get(name) or {}))
+        # JSON turned the tier numbers into strings.
+        recipe.tiers = {int(k): build(TierConfig, v) for k, v in (data.get("tiers") or {}).items()}
+        return recipe

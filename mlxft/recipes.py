@@ -23,9 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mlxft.config import (
-    DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
-)
+from mlxft.config import DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, Recipe, TierConfig, TRAIN_METHODS
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
@@ -114,7 +112,7 @@ def named_yaml(name_or_path: str | Path, folder: Path, names, missing_file: str,
 
 def usable_memory_bytes() -> int:
     """Memory a training run can use: the Metal GPU working-set limit on a Mac, else total RAM."""
-    import mlx.core as mx
+    import mlx.core as mx  # lazy: loading a recipe stays free of mlx until memory is asked about
 
     if mx.metal.is_available():
         info = mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
@@ -168,9 +166,13 @@ def load_recipe(
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """The resolved recipe as plain dicts/lists, for saving beside a run as JSON or YAML."""
-    return dataclasses.asdict(recipe)
+def resolve_data_dir(path: str | Path) -> Path:
+    """A relative data path is tried from the working directory, then from the mlxft checkout."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = RECIPES_DIR.parent / p
+    return alt if alt.exists() else p
 
 
 def family_module_keys(family: str) -> set[str]:
@@ -185,6 +187,7 @@ def family_module_keys(family: str) -> set[str]:
 @functools.lru_cache(maxsize=None)
 def _family_lora_modules(family: str) -> dict[str, str]:
     """Module key -> layer class name for every LoRA-able module in the family's blocks."""
+    # lazy: loading a recipe (mlxft runs, plan, studio) stays free of mlx-lm until a family is checked
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
     from mlx_lm.utils import MODEL_REMAPPING

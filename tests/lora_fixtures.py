@@ -97,7 +97,7 @@ def assert_matches_full_rows(model, rows, loss, grads, n_tok: int, n_sup: int, f
     returns the plain loss."""
     import mlx.nn as nn
 
-    from mlxft.training.train import collate, make_loss
+    from mlxft.training.sft import collate, make_loss
 
     inputs, targets, idx, n_tok_f, n_sup_f = collate(rows)
     loss_f, grads_f = nn.value_and_grad(model, make_loss(model, family))(model, inputs, targets, idx)

@@ -13,7 +13,7 @@ from conftest import SYSTEM
 
 def train_tiny_run(model_dir: Path, data_dir: Path, runs_root: Path, iters: int = 80) -> Path:
     from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     recipe = Recipe(
         name="tiny",
@@ -32,7 +32,7 @@ def loss_curve(runs_root: Path, tiny_model: Path, tiny_data: Path, sets: list[st
     import json
 
     from mlxft.recipes import load_recipe
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", tier=8, overrides=[
         f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",

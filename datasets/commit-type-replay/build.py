@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlxft.runs.run import write_jsonl
+from mlxft.files import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SOURCE = ROOT / "datasets" / "commit-type"

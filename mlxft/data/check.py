@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.data.encode import Rendered, Renderer, encode_rendered, eos_ids
-from mlxft.errors import DataError
+from mlxft.data.encode import Rendered, Renderer, encode_rendered, eos_ids, fast_tokenizer, load_tokenizer
 from mlxft.data.formats import Dataset, Example, Problem, exact_key, load_dataset, near_key  # noqa: F401 (lint API)
+from mlxft.data.formats import find_files
+from mlxft.errors import DataError, ModelError
+from mlxft.files import write_atomic
+from mlxft.models.load import cache_dir
+from mlxft.recipes import load_recipe
 
 ROLES = ("system", "user", "assistant", "tool")
 SPLIT_ORDER = ("train", "valid", "test", "data")
@@ -69,7 +73,13 @@ def check_path(path, recipe=None, tokenizer=None, fmt: str | None = None,
                required_splits: tuple[str, ...] = ()) -> Report:
     """Lint the dataset at `path` (a file or a folder). `recipe` supplies the system prompt and
     max_seq_length; without a tokenizer the token checks are skipped (and a warning says so)."""
-    ds = load_dataset(Path(path), fmt)
+    return check_dataset(load_dataset(Path(path), fmt), path, recipe, tokenizer, required_splits)
+
+
+def check_dataset(ds: Dataset, path, recipe=None, tokenizer=None, required_splits: tuple[str, ...] = (),
+                  keep: dict | None = None) -> Report:
+    """`check_path` on a dataset already read. `keep`: filled with each measured row's full
+    encoding (location -> Encoded) when the token check tokenizes, so training need not again."""
     report = Report(str(path), dataset=ds)
     report.problems += ds.problems
     for split in required_splits:
@@ -84,7 +94,7 @@ def check_path(path, recipe=None, tokenizer=None, fmt: str | None = None,
     if tokenizer is not None:
         report.max_seq_length = recipe.train.max_seq_length if recipe is not None else None
         for split, rows in ds.splits.items():
-            report.stats[split].update(check_tokens(rows, tokenizer, system, report.max_seq_length, report))
+            report.stats[split].update(check_tokens(rows, tokenizer, system, report.max_seq_length, report, keep))
     else:
         report.problems.append(Problem("warning", str(path), "no tokenizer: template and length checks skipped", "tokens"))
     _count_problems(report)
@@ -257,20 +267,24 @@ def check_system_prompts(ds: Dataset, report: Report, recipe_prompt: str | None)
 TOKEN_CHECK_VERSION = 1
 
 
-def check_tokens(rows: list[Example], tokenizer, system: str | None, max_len: int | None, report: Report) -> dict:
+def check_tokens(rows: list[Example], tokenizer, system: str | None, max_len: int | None, report: Report,
+                 keep: dict | None = None) -> dict:
     """Render every clean row, tokenize in batches, and measure lengths against max_len.
 
     The result depends only on the rows, the tokenizer (vocabulary + chat template), the
     system prompt and max_len, so it is cached under a hash of all four: `data prepare`
     measures the rows it writes, and the `data check` / `train` that follow on the same
-    rows reuse it instead of rendering and tokenizing them again.
+    rows reuse it instead of rendering and tokenizing them again. Where it does tokenize, `keep`
+    (optional) receives each row's full encoding by its location.
     """
     live = [ex for ex in rows if ex.where not in report.dropped]
     key = _token_cache_key(live, tokenizer, system, max_len)
     cached = _cache_load(key)
     if cached is None:
-        cached = _measure_tokens(live, tokenizer, system, max_len)
+        *cached, encoded = _measure_tokens(live, tokenizer, system, max_len)
         _cache_save(key, cached)
+        if keep is not None:
+            keep.update((live[i].where, enc) for i, enc in encoded.items())
     stats, found = cached
     for i, severity, message, code in found:
         if severity == "error":
@@ -280,8 +294,9 @@ def check_tokens(rows: list[Example], tokenizer, system: str | None, max_len: in
     return stats
 
 
-def _measure_tokens(live: list[Example], tokenizer, system, max_len, chunk: int = 2048) -> tuple[dict, list]:
-    """(stats, problems as (row index, severity, message, code)) for rows that passed the earlier checks."""
+def _measure_tokens(live: list[Example], tokenizer, system, max_len, chunk: int = 2048) -> tuple[dict, list, dict]:
+    """(stats, problems as (row index, severity, message, code), {row index: full encoding}) for
+    rows that passed the earlier checks."""
     found: list[tuple[int, str, str, str]] = []
     good: list[tuple[int, Rendered]] = []
     render = Renderer(tokenizer, system)
@@ -320,7 +335,7 @@ def _measure_tokens(live: list[Example], tokenizer, system, max_len, chunk: int 
                               "leaves nothing to learn", "truncation"))
     stats = {"tokens": int(sum(lengths)), "supervised": supervised, "truncated": truncated,
              "supervised_lost": lost, "max_tokens": max(lengths, default=0), "lengths": lengths}
-    return stats, found
+    return stats, found, {i: enc for (i, _), enc in zip(good, encoded)}
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:
@@ -328,9 +343,7 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
     fp = getattr(tokenizer, "_mlxft_fingerprint", None)
     if fp is not None:
         return fp
-    from mlxft.data.encode import _fast_tokenizer
-
-    fast = _fast_tokenizer(tokenizer)
+    fast = fast_tokenizer(tokenizer)
     if fast is None:
         return None
     h = hashlib.sha256(fast.to_str().encode())
@@ -356,8 +369,6 @@ def _token_cache_key(live: list[Example], tokenizer, system, max_len) -> str | N
 
 
 def _cache_path(key: str) -> Path:
-    from mlxft.models.load import cache_dir
-
     return cache_dir() / "checks" / f"{key}.json"
 
 
@@ -375,7 +386,6 @@ def _cache_save(key: str | None, result, keep: int = 64) -> None:
     """Best effort (a read-only cache folder only costs speed); the oldest entries beyond `keep` go."""
     if key is None:
         return
-    from mlxft.runs.run import write_atomic
 
     path = _cache_path(key)
     try:
@@ -411,8 +421,6 @@ def _count_problems(report: Report) -> None:
 
 
 def _split_files(ds: Dataset) -> dict[str, list[str]]:
-    from mlxft.data.formats import find_files
-
     roots = {str(f.parent) for f in ds.files}
     out: dict[str, list[str]] = {}
     for root in roots:
@@ -455,9 +463,6 @@ def histogram(lengths: list[int], max_len: int | None, bins: int = 8, width: int
 
 def recipe_and_tokenizer(recipe_name: str, model: str | None = None, overrides=()):
     """The recipe and its model's tokenizer, or (recipe, None, why) when the tokenizer is unavailable."""
-    from mlxft.data.encode import load_tokenizer
-    from mlxft.errors import ModelError
-    from mlxft.recipes import load_recipe
 
     if model:
         overrides = (*overrides, f"model.source={model}")

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.errors import DataError
+from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-SPLITS = ("train", "valid", "test")
+from mlxft.data.formats import load_dataset
+from mlxft.errors import DataError, ModelError
+from mlxft.models.load import BUILTIN_PREFIX, DEFAULT_CHAT_TEMPLATE, backend, resolve_model
 
 
 def read_chat_jsonl(path: Path, need_role: str = "assistant", allow_text: bool = False) -> list[dict]:
@@ -64,7 +66,6 @@ def load_splits(data_dir: Path, splits=("train", "valid")) -> dict[str, list[dic
     Chat JSONL is read as is; ShareGPT, Alpaca, completions, text and preference files
     (JSONL, JSON array, CSV/TSV) are normalised on the way. Any error stops the load.
     """
-    from mlxft.data.formats import load_dataset
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -120,7 +121,7 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int | None 
         for i, m in enumerate(messages)
         if m["role"] == "assistant"
     ]
-    return _mask(tokenizer, full, spans, False, max_length)
+    return masked_encoding(tokenizer, full, spans, False, max_length)
 
 
 def encode_rows(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int | None) -> list[Encoded]:
@@ -258,14 +259,14 @@ class Renderer:
         return Rendered(full, turns)
 
 
-def _fast_tokenizer(tokenizer):
+def fast_tokenizer(tokenizer):
     fast = getattr(getattr(tokenizer, "_tokenizer", None), "_tokenizer", None)
     return fast if fast is not None and hasattr(fast, "encode_batch") else None
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text as apply_chat_template(tokenize=True) gives them, in one batch."""
-    fast = _fast_tokenizer(tokenizer)
+    fast = fast_tokenizer(tokenizer)
     if fast is not None:  # the Rust tokenizer: parallel batch encode
         return [e.ids for e in fast.encode_batch(texts, add_special_tokens=False)]
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
@@ -284,7 +285,7 @@ def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None 
     same ids); otherwise, or when a prefix is not a prefix of the full text, the prefix
     itself is tokenized, as `encode_conversation` does.
     """
-    fast = _fast_tokenizer(tokenizer)
+    fast = fast_tokenizer(tokenizer)
     out = []
     for lo in range(0, len(rendered), chunk):
         part = rendered[lo : lo + chunk]
@@ -310,7 +311,7 @@ def encode_rendered(tokenizer, rendered: list[Rendered], max_length: int | None 
         for r, full, plan in zip(part, fulls, plans):
             counts = [k if k is not None else len(next(slow_ids)) for k in plan]
             spans = list(zip(counts[0::2], counts[1::2]))
-            out.append(_mask(tokenizer, full, spans, r.plain, max_length))
+            out.append(masked_encoding(tokenizer, full, spans, r.plain, max_length))
     return out
 
 
@@ -320,7 +321,9 @@ def _token_starting_at(enc, pos: int) -> int | None:
     return k if k is not None and enc.token_to_chars(k)[0] == pos else None
 
 
-def _mask(tokenizer, full: list[int], spans, plain: bool, max_length: int | None) -> Encoded:
+def masked_encoding(tokenizer, full: list[int], spans, plain: bool, max_length: int | None) -> Encoded:
+    """A tokenized row's ids and loss mask: the token `spans` supervised, each cut just after its
+    end-of-turn token (a plain text row: every token, plus end-of-sequence); cut at `max_length`."""
     eos = eos_ids(tokenizer)
     if plain:
         full = full + [tokenizer.eos_token_id]
@@ -342,9 +345,7 @@ def _mask(tokenizer, full: list[int], spans, plain: bool, max_length: int | None
 def load_tokenizer(source: str):
     """The tokenizer `load_base(source)` would give (with DEFAULT_CHAT_TEMPLATE when the model has none),
     without loading the weights. Returns (tokenizer, used_default_template)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    from mlxft.models.load import BUILTIN_PREFIX, DEFAULT_CHAT_TEMPLATE, backend, resolve_model
 
     gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
     path = resolve_model(source, dequantize=("fp32" if backend() == "cpu" else "bf16") if gguf_like else None)
@@ -352,7 +353,6 @@ def load_tokenizer(source: str):
         config = json.loads((path / "config.json").read_text())
         tokenizer = mlx_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:
-        from mlxft.errors import ModelError
 
         raise ModelError(f"could not load the tokenizer in {path}: {type(e).__name__}: {e}") from None
     if getattr(tokenizer, "chat_template", None) is None:

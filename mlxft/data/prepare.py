@@ -20,10 +20,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxft.errors import DataError
-from mlxft.data.formats import Example, load_dataset, near_key
 from mlxft.data.check import Report, check_duplicates, check_rows, check_tokens
-from mlxft.runs.run import jsonl
+from mlxft.data.formats import Example, load_dataset, near_key
+from mlxft.errors import DataError
+from mlxft.files import jsonl
 
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 

@@ -28,16 +28,19 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import jinja2
+from tqdm import tqdm
 
-from mlxft.errors import ConfigError, DataError, ModelError
-from mlxft.data.formats import Problem, detect_row, normalise_row, read_records
 from mlxft.data.check import near_key, validate_row
-from mlxft.runs.run import write_atomic
+from mlxft.data.formats import Problem, detect_row, normalise_row, read_records
 from mlxft.data.synth_checks import Reject, RowChecks, RowFilter, SuiteFilter
-from mlxft.data.teacher import Reply, TeacherSampling
+from mlxft.data.teacher import Reply, TeacherSampling, open_teacher
+from mlxft.errors import ConfigError, DataError, ModelError
+from mlxft.files import write_atomic
+from mlxft.recipes import load_recipe, resolve_data_dir
 
 ROWS, REJECTS, MANIFEST = "synth.jsonl", "rejects.jsonl", "manifest.json"
 MODES = ("generate", "answer")
@@ -154,7 +157,6 @@ class Template:
 def load_template(path: str | Path | None, packaged: str) -> Template:
     """A user's jinja2 file, or the packaged one; undefined variables are errors, not empty text."""
     if path is None:
-        from importlib.resources import files
 
         text, where = (files("mlxft") / "templates" / packaged).read_text(encoding="utf-8"), f"packaged {packaged}"
     else:
@@ -370,7 +372,6 @@ def _read_log(path: Path) -> list[dict]:
 def synthesize(opts: SynthOptions, teacher, filters: list[RowFilter] = (), judge: Judge | None = None,
                log=print, progress: bool = True) -> SynthResult:
     """Generate until `opts.n` rows are kept (or the attempts run out); resumable. See the module docstring."""
-    from tqdm import tqdm
 
     if opts.mode not in MODES:
         raise ConfigError(f"unknown mode '{opts.mode}'; one of: {', '.join(MODES)}")
@@ -528,7 +529,6 @@ def run_synth(opts: SynthOptions, teacher_spec: str, teacher_model: str | None =
               judge_spec: str | None = None, judge_model: str | None = None, judge_threshold: float = 7.0,
               judge_template: str | None = None, recipe: str | None = None, log=print) -> SynthResult:
     """`mlxft synth`: resolve the recipe's system prompt and eval data, open teacher, filters and judge, run."""
-    from mlxft.data.teacher import open_teacher
 
     if recipe:
         opts = _with_recipe(opts, recipe)
@@ -549,8 +549,6 @@ def run_synth(opts: SynthOptions, teacher_spec: str, teacher_model: str | None =
 
 def _with_recipe(opts: SynthOptions, name: str) -> SynthOptions:
     """The recipe's system prompt (train/inference parity) and its valid/test splits as leakage targets."""
-    from mlxft.recipes import load_recipe
-    from mlxft.training.train import resolve_data_dir
 
     r = load_recipe(name)
     data = resolve_data_dir(r.data.path)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from mlxft.errors import ConfigError
-from mlxft.data.formats import load_dataset
 from mlxft.data.check import exact_key, near_key
+from mlxft.data.formats import load_dataset
+from mlxft.errors import ConfigError
+from mlxft.evaluation.scorers import Example, normalize_text
+from mlxft.evaluation.suites import load_suite
 
 
 class Reject(Exception):
@@ -94,8 +96,6 @@ class SuiteFilter:
     """
 
     def __init__(self, spec: str):
-        from mlxft.evaluation.suites import load_suite
-
         suite_name, sep, scorer_name = spec.rpartition(":")
         if not sep or not suite_name or not scorer_name:
             raise ConfigError(f"--filter takes SUITE:SCORER (e.g. commit-type:accuracy), got {spec!r}")
@@ -116,8 +116,6 @@ class SuiteFilter:
                               "(label_accuracy, regex, json_valid, json_schema, contains_all/any, refusal)")
 
     def reasons(self, rows: list[dict]) -> list[str | None]:
-        from mlxft.evaluation.scorers import Example, normalize_text
-
         answers = [r["messages"][-1]["content"] for r in rows]
         if self.labels is not None:
             allowed = {normalize_text(label) for label in self.labels}

@@ -13,6 +13,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,16 +49,15 @@ class LocalTeacher:
     batch_size = 8  # mlx-lm's batched generation: several prompts for about the price of one on CPU
 
     def __init__(self, target: str):
-        from mlxft.inference.generate import load_target
+        from mlxft.inference.generate import load_target  # lazy: a URL teacher runs without loading mlx
 
         self.loaded = load_target(target)
         self.name = target
 
     def complete(self, conversations: list[list[dict]], sampling: TeacherSampling, seed: int) -> list[Reply]:
-        import mlx.core as mx
+        import mlx.core as mx  # lazy: a URL teacher runs without loading mlx
         from mlx_lm.generate import batch_generate
         from mlx_lm.sample_utils import make_sampler
-
         from mlxft.data.encode import prompt_ids
 
         tok = self.loaded.tokenizer
@@ -127,7 +127,6 @@ class HttpTeacher:
 
     def complete(self, conversations: list[list[dict]], sampling: TeacherSampling, seed: int) -> list[Reply]:
         """One request per conversation, `batch_size` in flight at once (servers that batch answer them together)."""
-        from concurrent.futures import ThreadPoolExecutor
 
         def ask(i: int) -> Reply:
             body = {"model": self.model, "messages": conversations[i], "temperature": sampling.temp,

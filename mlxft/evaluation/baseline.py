@@ -23,8 +23,16 @@ import os
 import time
 from pathlib import Path
 
+from mlxft.config import EvalConfig
+from mlxft.data.check import near_key
 from mlxft.errors import DataError, MlxftError
-from mlxft.runs.run import RunDir, write_atomic
+from mlxft.evaluation.scorers import format_value
+from mlxft.evaluation.sides import Prepared, run_side
+from mlxft.evaluation.suites import FewShot, load_suite, suite_examples
+from mlxft.files import write_atomic
+from mlxft.models.load import load_base, load_run_base
+from mlxft.recipes import load_recipe, resolve_data_dir
+from mlxft.runs.run import Run
 
 BASELINE_VERSION = 1
 
@@ -46,8 +54,7 @@ class Target:
     quantize: int | None
     system_prompt: str | None
     train_data: Path  # where few-shot examples come from
-    run: RunDir | None = None
-    config: dict | None = None  # the run's config.json when a run is given
+    run: Run | None = None  # when a run's base is scored
     runs_dir: Path | None = None  # where run folders go (default $MLXFT_RUNS or ./runs)
     eval: object = None  # the recipe's EvalConfig: the thresholds gates like eval.max_refusal_drop_points name
 
@@ -66,21 +73,16 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
 def resolve_target(recipe: str | None, run: str | None = None, model: str | None = None,
                    runs_dir: str | Path | None = None) -> Target:
     """The recipe's base (optionally another --model), or the base of an existing run."""
-    from mlxft.training.train import resolve_data_dir
 
     if run:
-        rd = RunDir.open(run)
-        cfg = rd.read_config()
-        r = cfg["recipe"]
-        if model and model != r["model"]["source"]:
-            raise MlxftError(f"--model {model} differs from the base of run {run} ({r['model']['source']})")
-        data = (cfg.get("data") or {}).get("path")
-        if not data:
+        found = Run.open(run)
+        if model and model != found.base_source:
+            raise MlxftError(f"--model {model} differs from the base of run {run} ({found.base_source})")
+        if found.data_path is None:
             raise MlxftError(f"run {run} records no data path, so there is no training split to draw few-shot "
                              "examples from; give the recipe instead of --run")
-        return Target(r.get("name", "run"), r["model"]["source"], r.get("quantize"), cfg.get("system_prompt"),
-                      Path(data) / "train.jsonl", rd, cfg)
-    from mlxft.recipes import load_recipe
+        return Target(found.name, found.base_source, found.quantize, found.system_prompt,
+                      found.data_path / "train.jsonl", found)
 
     rec = load_recipe(recipe, overrides=(f"model.source={model}",) if model else ())
     return Target(rec.name, rec.model.source, rec.quantize, rec.data.system_prompt,
@@ -90,7 +92,6 @@ def resolve_target(recipe: str | None, run: str | None = None, model: str | None
 
 def prompting_setups(suite, train: Path, shots: int, seed: int = 0, system_prompt: str | None = None) -> dict[str, list]:
     """Column -> the suite's examples with that prompt: zero-shot, and K shots from `train` (never test data)."""
-    from mlxft.evaluation.suites import FewShot, suite_examples
 
     if suite.data is None:
         raise MlxftError(f"suite {suite.name} has no data to prompt with")
@@ -113,7 +114,6 @@ def prompting_setups(suite, train: Path, shots: int, seed: int = 0, system_promp
 
 def _assert_no_test_shots(examples, suite, name: str) -> None:
     """Every few-shot turn is a training example, never a test prompt (also up to case and punctuation)."""
-    from mlxft.data.check import near_key
 
     def key(text: str) -> str:
         return near_key({"text": text})
@@ -133,8 +133,6 @@ def _assert_no_test_shots(examples, suite, name: str) -> None:
 
 def run_baseline(target: Target, suite_name: str, shots: int = 3, seed: int = 0, log=print) -> dict:
     """Score the base model with each prompting setup; write and return the baseline entry of the suite."""
-    from mlxft.evaluation.evaluate import Prepared, run_side
-    from mlxft.evaluation.suites import load_suite
 
     if shots < 0:
         raise MlxftError(f"--shots must be 0 or more, got {shots}")
@@ -153,22 +151,14 @@ def run_baseline(target: Target, suite_name: str, shots: int = 3, seed: int = 0,
 
 
 def _load_base(target: Target):
-    from mlxft.models.load import load_base, load_run_base
-
-    if target.config is not None:
-        base = load_run_base(target.config)
-        if target.config.get("chat_template"):
-            base.tokenizer._tokenizer.chat_template = target.config["chat_template"]
-        return base
+    if target.run is not None:
+        return load_run_base(target.run)  # with the chat template the run trained with
     return load_base(target.source, target.quantize, training=False)
 
 
 def _eval_config(target: Target):
-    from mlxft.config import EvalConfig
-
-    if target.config is not None:
-        raw = target.config.get("recipe", {}).get("eval") or {}
-        return EvalConfig(**{k: v for k, v in raw.items() if k in EvalConfig.__dataclass_fields__})
+    if target.run is not None:
+        return target.run.recipe.eval
     return target.eval or EvalConfig()
 
 
@@ -213,10 +203,11 @@ def record(target: Target, suite_name: str, entry: dict) -> Path:
     data["suites"][suite_name] = _merge_entry(old, entry) if old and old.get("data") == entry["data"] \
         and old.get("n") == entry["n"] else entry
     write_atomic(path, json.dumps(data, indent=2) + "\n")
-    if target.run and target.run.eval_json.is_file():
-        result = json.loads(target.run.eval_json.read_text())
+    eval_json = target.run.folder.eval_json if target.run else None
+    if eval_json and eval_json.is_file():
+        result = json.loads(eval_json.read_text())
         merge_into_eval(result, data, str(path))
-        write_atomic(target.run.eval_json, json.dumps(result, indent=2) + "\n")
+        write_atomic(eval_json, json.dumps(result, indent=2) + "\n")
     return path
 
 
@@ -242,7 +233,7 @@ def read_baseline(path: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("version") == BASELINE_VERSION else None
 
 
-def find_baseline(run: RunDir, recipe_name: str, base_source: str) -> tuple[dict, str] | None:
+def find_baseline(run: Run, recipe_name: str, base_source: str) -> tuple[dict, str] | None:
     """RUN/baseline.json, else RUNS/baselines/<recipe>.json next to the run, when it is of the same base."""
     for path in (run.root / "baseline.json", run.root.parent / "baselines" / f"{recipe_name}.json"):
         data = read_baseline(path)
@@ -279,10 +270,9 @@ def _ordered(values: dict) -> dict:
     return dict(sorted(values.items(), key=lambda kv: rank(kv[0])))
 
 
-def merge_for_run(result: dict, run: RunDir, run_config: dict) -> None:
+def merge_for_run(result: dict, run: Run) -> None:
     """The `mlxft eval` hook: merge the run's baseline (if any) into its fresh eval result."""
-    recipe = run_config.get("recipe", {})
-    found = find_baseline(run, recipe.get("name", ""), recipe.get("model", {}).get("source"))
+    found = find_baseline(run, run.recipe_dict.get("name", ""), run.base_source)
     if found:
         merge_into_eval(result, *found)
 
@@ -305,7 +295,6 @@ def verdict(entry: dict) -> str:
 
 def format_baseline(entry: dict) -> str:
     """A table: scorer x prompting setup, each with its gate verdict; then the verdict sentence."""
-    from mlxft.evaluation.evaluate import _fmt
 
     cols = entry["columns"]
     lines = [f"{entry['suite']}: {entry['n']} rows, base model prompting only "
@@ -318,7 +307,7 @@ def format_baseline(entry: dict) -> str:
             marks.append("" if not g else "PASS" if g["passed"] else "FAIL" if g["passed"] is False else "n/a")
         rule = next((g["rule"] for g in s["gates"].values() if g), "")
         rule = rule.replace("adapter", "setup").replace("base", "0-shot")  # the column's setup vs zero-shot
-        lines.append(f"  {s['name']:<22}" + "".join(f"{_fmt(s['values'].get(c), s['unit']):>14}" for c in cols)
+        lines.append(f"  {s['name']:<22}" + "".join(f"{format_value(s['values'].get(c), s['unit']):>14}" for c in cols)
                      + (f"  {'/'.join(marks)}  {rule}" if rule else ""))
     lines.append(f"  {verdict(entry)}")
     return "\n".join(lines)
@@ -326,14 +315,13 @@ def format_baseline(entry: dict) -> str:
 
 def format_eval_baseline(suite: dict) -> list[str]:
     """Lines `mlxft eval` prints under a suite's table when a baseline was merged in."""
-    from mlxft.evaluation.evaluate import _fmt
 
     b = suite.get("baseline")
     if not b:
         return []
     lines = [f"  baseline (base model, prompting only, few-shot from the training split; {b['file']}):"]
     for s in suite["scorers"]:
-        shown = [f"{c} {_fmt(s['values'].get(c), s['unit'])}" for c in b["columns"] if c in s["values"]]
+        shown = [f"{c} {format_value(s['values'].get(c), s['unit'])}" for c in b["columns"] if c in s["values"]]
         if shown:
             lines.append(f"    {s['name']:<20}" + "   ".join(shown))
     lines.append(f"  {b['verdict']}")

@@ -12,148 +12,24 @@ and `mlxft eval` call; `format_comparison` prints its result.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlxft  # noqa: F401
-import mlx.core as mx
+from mlx_lm.tuner.utils import load_adapters
 
 from mlxft.config import EvalConfig
-from mlxft.data.encode import Encoded, _mask, encode_rows, prompt_ids, read_chat_jsonl
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir, is_run, write_atomic
-from mlxft.evaluation.scorers import Example, Score, word_diff
-from mlxft.evaluation.suites import Suite, load_suite, suite_examples
+from mlxft.evaluation.baseline import format_eval_baseline, merge_for_run
+from mlxft.evaluation.judge import judge_pairs, mlx_judge
+from mlxft.evaluation.scorers import ExactMatch, Example, NormalizedMatch, Score, format_delta, format_value, word_diff
+from mlxft.evaluation.sides import Prepared, Side, run_side
+from mlxft.evaluation.suites import ScorerSpec, Suite, load_suite, suite_examples
+from mlxft.files import write_atomic
+from mlxft.models.load import load_base, load_run_base
+from mlxft.runs.run import Run, is_run
 
 EVAL_VERSION = 2
 MAX_FAILURES = 10
-
-
-# ---------------------------------------------------------------- model work
-
-
-def generate_batch(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int = 32,
-                   share_prefix: bool = True) -> list[str]:
-    """Greedy completions for many prompts at once (mlx-lm's batch_generate).
-
-    Eval prompts usually share a long head (chat template + system prompt). With
-    `share_prefix` that head is run through the model once and every prompt starts
-    from a copy of its KV cache, which halves the work on the commit-type suite.
-    """
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    if not prompts:
-        return []
-    kwargs = dict(max_tokens=max_tokens, completion_batch_size=batch_size, prefill_batch_size=batch_size)
-    shared = len(os.path.commonprefix(prompts)) - 1  # keep at least one token per prompt to prefill
-    cache = make_prompt_cache(model) if share_prefix and shared >= 8 else None
-    if cache is None or not all(type(c) is KVCache for c in cache):
-        return list(batch_generate(model, tokenizer, prompts, **kwargs).texts)
-    model(mx.array(prompts[0][:shared])[None], cache=cache)
-    mx.eval([c.state for c in cache])
-
-    def copy_cache():
-        out = []
-        for c in cache:
-            fresh = KVCache()
-            fresh.state = c.state  # batch_generate merges caches into new arrays; these stay untouched
-            out.append(fresh)
-        return out
-
-    result = batch_generate(model, tokenizer, [p[shared:] for p in prompts],
-                            prompt_caches=[copy_cache() for _ in prompts], **kwargs)
-    return list(result.texts)
-
-
-def reference_encoding(tokenizer, messages: list[dict], reference: str, max_length: int) -> Encoded:
-    """Ids of prompt + reference answer, supervised on the answer through its end-of-turn token."""
-    start = len(prompt_ids(tokenizer, messages))
-    full = list(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reference}],
-                                              tokenize=True, add_generation_prompt=False))
-    return _mask(tokenizer, full, [(start, len(full))], False, max_length)
-
-
-def total_nll(model, encoded: list[Encoded], batch_size: int = 8) -> tuple[float, int]:
-    """Summed negative log-likelihood of the supervised tokens, and their count."""
-    import mlx.nn as nn
-
-    nll, count = 0.0, 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    for lo in range(0, len(order), batch_size):
-        part = [encoded[i] for i in order[lo: lo + batch_size]]
-        width = max(len(e.ids) for e in part)
-        ids = mx.array([e.ids.tolist() + [0] * (width - len(e.ids)) for e in part])
-        mask = mx.array([e.mask.tolist() + [False] * (width - len(e.mask)) for e in part])
-        logits = model(ids[:, :-1]).astype(mx.float32)
-        ce = nn.losses.cross_entropy(logits, ids[:, 1:], reduction="none") * mask[:, 1:]
-        mx.eval(ce)
-        nll += ce.sum().item()
-        count += int(mask[:, 1:].sum().item())
-    return nll, count
-
-
-def perplexity_inputs(tokenizer, spec, examples: list[Example]) -> list[Encoded]:
-    """What a perplexity scorer scores: its own data (text or chat rows) or the suite's references."""
-    max_length = spec.scorer.max_length
-    if spec.data is None:
-        return [reference_encoding(tokenizer, e.messages, e.reference, max_length) for e in examples]
-    rows = read_chat_jsonl(spec.data, need_role="user", allow_text=True)
-    text = [r for r in rows if "text" in r]
-    chat = [r for r in rows if "text" not in r]
-    out = encode_rows(tokenizer, text, None, max_length) if text else []
-    return out + [reference_encoding(tokenizer, *_split(r), max_length) for r in chat]
-
-
-def _split(row: dict) -> tuple[list[dict], str]:
-    msgs = row["messages"]
-    if msgs[-1]["role"] != "assistant":
-        raise MlxftError("a perplexity row needs a final assistant turn (the text scored)")
-    return msgs[:-1], msgs[-1]["content"]
-
-
-# ---------------------------------------------------------------- one model on the suites
-
-
-@dataclass
-class Side:
-    """One model's outputs on one suite."""
-
-    predictions: list[str] = field(default_factory=list)
-    perplexity: dict[str, float] = field(default_factory=dict)  # scorer name -> ppl
-    preference: dict[str, dict] = field(default_factory=dict)  # scorer name -> mlxft.training.preference.score_pairs
-    seconds: float = 0.0
-
-
-@dataclass
-class Prepared:
-    suite: Suite
-    examples: list[Example]
-
-
-def run_side(model, tokenizer, prepared: list[Prepared], label: str, log) -> dict[str, Side]:
-    """Generate and compute perplexities for every suite with one model."""
-    out = {}
-    for p in prepared:
-        tic, side = time.perf_counter(), Side()
-        if p.suite.generates:
-            log(f"  {label}: {p.suite.name}: generating {len(p.examples)} replies ...")
-            prompts = [prompt_ids(tokenizer, e.messages) for e in p.examples]
-            side.predictions = generate_batch(model, tokenizer, prompts, p.suite.max_tokens, p.suite.batch_size)
-        for spec in p.suite.scorers:
-            if spec.scorer.kind == "perplexity":
-                nll, count = total_nll(model, perplexity_inputs(tokenizer, spec, p.examples), spec.scorer.batch_size)
-                side.perplexity[spec.name] = math.exp(nll / max(count, 1))
-            elif spec.scorer.kind == "preference":  # chosen vs rejected log-probs (mlxft/training/preference.py)
-                from mlxft.training.preference import score_examples
-
-                side.preference[spec.name] = score_examples(model, tokenizer, p.examples, spec.scorer.batch_size)
-        side.seconds = time.perf_counter() - tic
-        out[p.suite.name] = side
-    return out
 
 
 # ---------------------------------------------------------------- scoring and gates
@@ -264,34 +140,21 @@ def _dedupe(failures: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- the whole comparison
 
 
-def _eval_config(run_config: dict | None) -> EvalConfig:
-    raw = (run_config or {}).get("recipe", {}).get("eval") or {}
-    return EvalConfig(**{k: v for k, v in raw.items() if k in EvalConfig.__dataclass_fields__})
-
-
-def _split_suite(run_config: dict, split: str) -> Suite:
+def _split_suite(run: Run, split: str) -> Suite:
     """The fallback when a recipe names no suites: exact match on the run's own split."""
-    from mlxft.evaluation.scorers import ExactMatch, NormalizedMatch
-    from mlxft.evaluation.suites import ScorerSpec
-
-    data = Path(run_config["data"]["path"]) / f"{split}.jsonl"
+    data = run.data_path / f"{split}.jsonl"
     if not data.is_file():
         raise MlxftError(f"the run's data has no {split} split ({data}); name a suite with --suite")
-    max_tokens = _eval_config(run_config).max_tokens
     return Suite(name=split, path=data, description=f"the run's {split} split", data=data.resolve(),
-                 max_tokens=max_tokens, scorers=[ScorerSpec("exact_match", ExactMatch({}, data.parent)),
-                                                 ScorerSpec("normalized_match", NormalizedMatch({}, data.parent))])
+                 max_tokens=run.recipe.eval.max_tokens,
+                 scorers=[ScorerSpec("exact_match", ExactMatch({}, data.parent)),
+                          ScorerSpec("normalized_match", NormalizedMatch({}, data.parent))])
 
 
-def _load_model(source: str, run_config: dict | None):
-    """(model, tokenizer, description) of a model source, or a run's base with its chat template."""
-    from mlxft.models.load import load_base, load_run_base
-
-    if run_config is not None:
-        base = load_run_base(run_config)
-        if run_config.get("chat_template"):
-            base.tokenizer._tokenizer.chat_template = run_config["chat_template"]
-        return base
+def _load_model(source: str):
+    """A run's base (with the chat template it trained with, and with `adapters` its adapter), or a model."""
+    if is_run(source):
+        return load_run_base(Run.open(source))
     return load_base(source, None, training=False)
 
 
@@ -302,42 +165,38 @@ def compare_run(target: str | Path, suites: list[str] | None = None, against: st
     Writes RUN/eval.json atomically (merged with suites from an earlier eval of the same
     adapter) and returns the result; result["passed"] is False when any gate failed.
     """
-    from mlx_lm.tuner.utils import load_adapters
 
     target = str(target)
-    run = RunDir.open(target) if is_run(target) else None
-    cfg = run.read_config() if run else None
-    eval_config = _eval_config(cfg)
+    run = Run.open(target) if is_run(target) else None
+    eval_config = run.recipe.eval if run else EvalConfig()
     names = [suites] if isinstance(suites, str) else list(suites or eval_config.suites)
     if data is not None and len(names) != 1:
         raise MlxftError("--data replaces one suite's data: name exactly one --suite")
-    loaded = [load_suite(n, data) for n in names] if names else [_split_suite(cfg, split)] if cfg else None
+    loaded = [load_suite(n, data) for n in names] if names else [_split_suite(run, split)] if run else None
     if loaded is None:
         raise MlxftError(f"{target} is a model, not a run: name the suites to score with --suite")
-    run_system = cfg.get("system_prompt") if cfg else None
-    prepared = [Prepared(s, suite_examples(s, run_system)) for s in loaded]
+    prepared = [Prepared(s, suite_examples(s, run.system_prompt if run else None)) for s in loaded]
 
     if run:
-        adapters = run.best_adapters
+        adapters = run.adapters
         if not (adapters / "adapters.safetensors").is_file():
             raise MlxftError(f"run {target} has no adapters yet ({adapters}/adapters.safetensors missing)")
     base_side, base_desc = None, None
-    base_source = cfg["recipe"]["model"]["source"] if cfg else target
+    base_source = run.base_source if run else target
     if against is not None or run:
-        ref = against if against is not None else base_source
-        ref_run = RunDir.open(ref).read_config() if against is not None and is_run(ref) else None
-        base = _load_model(ref, ref_run) if against is not None else _load_model(base_source, cfg)
-        if ref_run is not None:
-            load_adapters(base.model, str(RunDir.open(ref).best_adapters))
-            base.model.eval()
-        base_desc = ref
-        log(f"scoring the base ({ref}) on {', '.join(p.suite.name for p in prepared)} ...")
+        ref = against if against is not None else target
+        if against is not None and is_run(ref):  # another run: its base with its adapter
+            base = load_run_base(Run.open(ref), with_adapters=True)
+        else:
+            base = _load_model(ref)
+        base_desc = against if against is not None else base_source
+        log(f"scoring the base ({base_desc}) on {', '.join(p.suite.name for p in prepared)} ...")
         base_side = run_side(base.model, base.tokenizer, prepared, "base", log)
         model = base if against is None else None
     else:
         model = None
     if model is None:
-        model = _load_model(base_source, cfg)
+        model = _load_model(target if run else base_source)
     if run:
         load_adapters(model.model, str(adapters))
         model.model.eval()
@@ -358,13 +217,11 @@ def compare_run(target: str | Path, suites: list[str] | None = None, against: st
                    for p in prepared},
     }
     if run:
-        result = _merge_previous(run.eval_json, result)
-        from mlxft.evaluation.baseline import merge_for_run  # `mlxft baseline` columns: base 0-shot / K-shot beside base, adapter
-
-        merge_for_run(result, run, cfg)
+        result = _merge_previous(run.folder.eval_json, result)
+        merge_for_run(result, run)  # `mlxft baseline` columns: base 0-shot / K-shot beside base, adapter
     result["passed"] = all(s["passed"] for s in result["suites"].values())
     if run:
-        write_atomic(run.eval_json, json.dumps(result, indent=2) + "\n")
+        write_atomic(run.folder.eval_json, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -383,8 +240,6 @@ def _merge_previous(path: Path, result: dict) -> dict:
 
 
 def _run_judges(prepared, base_side, tuned_side, base_source, judge_fn, log) -> dict[str, dict[str, Score]]:
-    from mlxft.evaluation.judge import judge_pairs, mlx_judge
-
     out: dict[str, dict[str, Score]] = {}
     judges = [(p, s) for p in prepared for s in p.suite.scorers if s.scorer.kind == "judge"]
     if not judges or base_side is None:
@@ -395,7 +250,6 @@ def _run_judges(prepared, base_side, tuned_side, base_source, judge_fn, log) -> 
         if fn is None:
             source = base_source if spec.scorer.model == "base" else spec.scorer.model
             if source not in loaded:
-                from mlxft.models.load import load_base
 
                 log(f"loading the judge model {source} ...")
                 judge_model = load_base(source, None, training=False)
@@ -408,22 +262,6 @@ def _run_judges(prepared, base_side, tuned_side, base_source, judge_fn, log) -> 
 
 
 # ---------------------------------------------------------------- printing
-
-
-def _fmt(value, unit: str) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}%" if unit == "fraction" else f"{value:.3f}" if unit == "score" else f"{value:.2f}"
-
-
-def _fmt_delta(delta, unit: str, base=None) -> str:
-    if delta is None:
-        return "-"
-    if unit == "fraction":
-        return f"{100 * delta:+.1f} pts"
-    if unit == "ppl" and base:
-        return f"{100 * delta / base:+.1f}%"
-    return f"{delta:+.3f}"
 
 
 def format_comparison(result: dict, max_failures: int = 3) -> str:
@@ -439,15 +277,14 @@ def format_comparison(result: dict, max_failures: int = 3) -> str:
             gate = s["gate"]
             verdict = "" if not gate else f"{'PASS' if gate['passed'] else 'FAIL' if gate['passed'] is False else 'n/a'}  {gate['rule']}"
             arrow = "" if s["higher_is_better"] else " (lower is better)"
-            lines.append(f"  {s['name'] + arrow:<22}{_fmt(s['values']['base'], s['unit']):>9}"
-                         f"{_fmt(s['values']['adapter'], s['unit']):>9}"
-                         f"{_fmt_delta(s['delta'], s['unit'], s['values']['base']):>11}  {verdict}".rstrip())
+            lines.append(f"  {s['name'] + arrow:<22}{format_value(s['values']['base'], s['unit']):>9}"
+                         f"{format_value(s['values']['adapter'], s['unit']):>9}"
+                         f"{format_delta(s['delta'], s['unit'], s['values']['base']):>11}  {verdict}".rstrip())
             if "wins" in s["details"]:
                 d = s["details"]
                 lines.append(f"    judge: {d['wins']} wins, {d['ties']} ties, {d['losses']} losses; "
                              f"picked A {100 * d['first_position_rate']:.0f}% of the time, "
                              f"consistent on {100 * d['consistency']:.0f}% of pairs")
-        from mlxft.evaluation.baseline import format_eval_baseline
 
         lines += format_eval_baseline(suite)
         for f in suite["failures"][:max_failures]:

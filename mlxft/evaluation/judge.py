@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import mlxft
+import mlx.core as mx
+
+from mlxft.data.encode import prompt_ids
 from mlxft.evaluation.scorers import Example, Judge, Score
 
 JudgeFn = Callable[[list[str]], list[str]]
@@ -69,10 +73,7 @@ def judge_pairs(judge: Judge, judge_fn: JudgeFn, examples: list[Example], base: 
 
 def mlx_judge(model, tokenizer, batch_size: int = 8) -> JudgeFn:
     """A judge function over a local MLX model: verdict = the likelier next token of "A" vs "B"."""
-    import mlxft  # noqa: F401
-    import mlx.core as mx
 
-    from mlxft.data.encode import prompt_ids
 
     choice = [tokenizer.encode(c, add_special_tokens=False)[0] for c in ("A", "B")]
     if choice[0] == choice[1]:

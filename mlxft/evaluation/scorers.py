@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 
 class ScorerParamError(ValueError):
     """A scorer parameter is wrong; the suite loader adds the file and key."""
@@ -237,7 +239,7 @@ class JsonSchemaValid(Scorer):
 
     def __init__(self, params, base_dir):
         super().__init__(params, base_dir)
-        import jsonschema
+        import jsonschema  # lazy: loaded by suites that score JSON Schema only
 
         schema = params.get("schema")
         if isinstance(schema, str):
@@ -352,7 +354,7 @@ class RougeL(Scorer):
 
     def __init__(self, params, base_dir):
         super().__init__(params, base_dir)
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # lazy: rouge-score pulls in nltk; only ROUGE suites load it
 
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -454,7 +456,6 @@ class Judge(Scorer):
 
     def __init__(self, params, base_dir):
         super().__init__(params, base_dir)
-        import jinja2
 
         self.model = params.get("model", "base")
         if not isinstance(self.model, str) or not self.model:
@@ -488,3 +489,20 @@ def make_scorer(type_name: str, params: dict, base_dir: Path) -> Scorer:
         raise ScorerParamError("type", f"unknown scorer type {type_name!r}; {hint}known: {', '.join(SCORERS)}")
     return cls(params, base_dir)
 
+
+def format_value(value, unit: str) -> str:
+    """A scorer value as eval tables print it: fractions as percent, scores to 3 decimals, else 2."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if unit == "fraction" else f"{value:.3f}" if unit == "score" else f"{value:.2f}"
+
+
+def format_delta(delta, unit: str, base=None) -> str:
+    """A change of a scorer value: points for fractions, percent of the base for perplexity."""
+    if delta is None:
+        return "-"
+    if unit == "fraction":
+        return f"{100 * delta:+.1f} pts"
+    if unit == "ppl" and base:
+        return f"{100 * delta / base:+.1f}%"
+    return f"{delta:+.3f}"

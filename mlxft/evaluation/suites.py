@@ -33,6 +33,7 @@ from mlxft.config import EvalConfig
 from mlxft.data.encode import read_chat_jsonl
 from mlxft.errors import ConfigError, DataError
 from mlxft.evaluation.scorers import Example, Scorer, ScorerParamError, make_scorer
+from mlxft.recipes import named_yaml
 
 EVALS_DIR = Path(__file__).resolve().parents[2] / "evals"
 
@@ -125,7 +126,6 @@ def list_suites(evals_dir: Path = EVALS_DIR) -> list[str]:
 
 def suite_path(name_or_path: str) -> Path:
     """evals/<name>.yaml for a name, or the given .yaml path."""
-    from mlxft.recipes import named_yaml
 
     return named_yaml(name_or_path, EVALS_DIR, list_suites, "suite file not found", "unknown eval suite")
 

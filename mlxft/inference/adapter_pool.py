@@ -18,9 +18,11 @@ from pathlib import Path
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
 
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir, is_run
+from mlxft.runs.run import Run, is_run
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BASE_NAME = "base"  # the model id that serves the base without any adapter
@@ -56,11 +58,13 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise AdapterError(f"adapter '{name}': {path} is not a folder")
-    run_cfg: dict = {}
+    run = None
     if is_run(path):
-        run = RunDir.open(path)
-        run_cfg = run.read_config()
-        folder = run.best_adapters
+        try:
+            run = Run.open(path)
+        except MlxftError as e:
+            raise AdapterError(f"adapter '{name}': {e}") from None
+        folder = run.adapters
     elif (path / "adapter_config.json").is_file():
         folder = path
     else:
@@ -83,16 +87,14 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
         if leaf not in ("lora_a", "lora_b"):
             raise AdapterError(f"adapter '{name}': unexpected tensor {key} in {weights_file} (LoRA tensors only)")
         modules.setdefault(mod, {})[leaf] = value
-    recipe = run_cfg.get("recipe") or {}
-    base_source = (recipe.get("model") or {}).get("source") or acfg.get("base_model")
+    # The run's config.json is the record of training; adapter_config.json carries the same fields.
     return Adapter(
         name=name,
         path=folder,
         scale=float(acfg.get("lora_parameters", {}).get("scale", 20.0)),
-        # the run's config.json is the record of training; adapter_config.json carries the same fields
-        system_prompt=run_cfg.get("system_prompt", acfg.get("system_prompt")),
-        chat_template=run_cfg.get("chat_template") or acfg.get("chat_template"),
-        base_source=base_source,
+        system_prompt=run.system_prompt if run is not None and "system_prompt" in run.config else acfg.get("system_prompt"),
+        chat_template=(run.chat_template if run is not None else None) or acfg.get("chat_template"),
+        base_source=(run.recipe_dict.get("model") or {}).get("source") if run is not None else acfg.get("base_model"),
         modules=modules,
     )
 
@@ -113,8 +115,6 @@ class AdapterPool:
 
     def add(self, adapter: Adapter) -> None:
         """Check the adapter fits this base, wrap any linear it needs that is not wrapped yet."""
-        from mlx_lm.tuner.lora import LoRALinear
-
         if adapter.name in self.adapters:
             raise AdapterError(f"an adapter named '{adapter.name}' is already loaded")
         new = {}
@@ -137,8 +137,6 @@ class AdapterPool:
                     f"for a {in_dims}->{out_dims} linear (trained on another base model?)"
                 )
         if new:
-            from mlx.utils import tree_unflatten
-
             mx.eval([m.parameters() for m in new.values()])  # same reason as in read_adapter
             self.model.update_modules(tree_unflatten(list(new.items())))
             self.wrapped.update(new)

@@ -13,18 +13,25 @@ from typing import Iterator
 
 import mlxft  # noqa: F401
 import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
 from mlxft.data.encode import prompt_ids
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir, is_run
+from mlxft.models.load import load_base, load_run_base
+from mlxft.runs.run import Run, is_run
 
 
 @dataclass
 class Loaded:
     model: object
     tokenizer: object
-    system_prompt: str | None
+    system_prompt: str | None  # the run's training system prompt (None for a plain model)
     description: str
+
+    def system(self, override: str | None = None) -> str | None:
+        """`override` (a --system flag) when given, else the prompt the run was trained with."""
+        return override if override is not None else self.system_prompt
 
 
 @dataclass
@@ -39,22 +46,10 @@ class Sampling:
 
 def load_target(target: str) -> Loaded:
     """`target` is a run folder (base + adapters) or a model source (builtin:, folder, .gguf, hub id)."""
-    from mlxft.models.load import load_base, load_run_base
-
     if is_run(target):
-        from mlx_lm.tuner.utils import load_adapters
-
-        run = RunDir.open(target)
-        cfg = run.read_config()
-        base = load_run_base(cfg)
-        adapters = run.best_adapters
-        if not (adapters / "adapters.safetensors").is_file():
-            raise MlxftError(f"run {target} has no adapters yet ({adapters}/adapters.safetensors missing)")
-        load_adapters(base.model, str(adapters))
-        base.model.eval()
-        if cfg.get("chat_template"):
-            base.tokenizer._tokenizer.chat_template = cfg["chat_template"]
-        return Loaded(base.model, base.tokenizer, cfg.get("system_prompt"), f"{base.path} + {adapters}")
+        run = Run.open(target)
+        base = load_run_base(run, with_adapters=True)
+        return Loaded(base.model, base.tokenizer, run.system_prompt, f"{base.path} + {run.adapters}")
     if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
         raise MlxftError(f"{target} is an adapter folder; pass the run folder that contains it")
     base = load_base(target, None, training=False)
@@ -63,9 +58,6 @@ def load_target(target: str) -> Loaded:
 
 def stream(loaded: Loaded, messages: list[dict], system: str | None, sampling: Sampling) -> Iterator[str]:
     """Yield text pieces of the assistant's reply to `messages`."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)

@@ -13,6 +13,8 @@ import sys
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from mlxft.data.encode import prompt_ids
 from mlxft.inference.generate import Loaded, Sampling
@@ -23,7 +25,6 @@ def processed_probs(logprobs: mx.array, temp: float, top_p: float = 0.0, top_k: 
 
     logprobs: (V,) or (1, V) log-softmax of the logits. temp 0 is greedy: all mass on the argmax.
     """
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     x = logprobs.reshape(1, -1).astype(mx.float32)
     if temp == 0:
@@ -53,8 +54,6 @@ def describe(sampling: Sampling) -> str:
 def show_probs(loaded: Loaded, prompt: str, system: str | None, sampling: Sampling, k: int, out=None) -> str:
     """Generate like `generate`, printing each step's top-k tokens before/after sampling settings."""
     out = out or sys.stdout  # looked up per call so that redirected/captured stdout is honoured
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
 
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)

@@ -27,9 +27,13 @@ from typing import Callable
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
 
-from mlxft.inference.adapter_pool import BASE_NAME, AdapterError, AdapterPool, read_adapter, validate_name
+from mlxft.data.encode import prompt_ids
 from mlxft.errors import MlxftError
+from mlxft.inference.adapter_pool import AdapterError, AdapterPool, BASE_NAME, read_adapter, validate_name
+from mlxft.models.load import load_base
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -108,11 +112,6 @@ class Engine:
                                "rate_limit_error") from None
 
     def _generate(self, job: Job):
-        from mlx_lm.generate import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
-        from mlxft.data.encode import prompt_ids
-
         try:
             if job.cancelled:
                 return
@@ -388,7 +387,6 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080) -> Th
 
 def load_engine(base: str | None, adapters: list[tuple[str, str]], limits: Limits | None = None, log=print) -> Engine:
     """Read every adapter, load the base once (default: the base the adapters were trained on), attach them."""
-    from mlxft.models.load import load_base
 
     read = [read_adapter(name, path) for name, path in adapters]
     names = [a.name for a in read]

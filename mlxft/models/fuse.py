@@ -19,9 +19,15 @@ from pathlib import Path
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import dequantize_model, load, load_config, save_config, save_model
 
+from mlxft.data.encode import prompt_ids, read_chat_jsonl
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir, write_atomic
+from mlxft.files import write_atomic
+from mlxft.models.load import is_quantized, load_run_base
+from mlxft.runs.run import Run
 
 MIN_AGREEMENT = 0.99  # greedy next-token agreement, fused vs base + adapter
 # Max |logit difference| relative to the largest |logit|. fp32 merges differ by rounding
@@ -49,21 +55,17 @@ class FuseReport:
 
 def fuse_layers(model: nn.Module, dequantize: bool = False) -> None:
     """Replace every LoRA/DoRA layer by its fused linear, in place (as stock mlx_lm.fuse)."""
-    from mlx.utils import tree_unflatten
-
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:
         raise FuseError("the model has no adapter layers to fuse")
     model.update_modules(tree_unflatten(fused))
 
 
-def held_out_conversations(cfg: dict, n: int) -> tuple[list[list[dict]], str]:
+def held_out_conversations(run: Run, n: int) -> tuple[list[list[dict]], str]:
     """The first n conversations of the run's test split (else valid), cut before their last assistant turn."""
-    from mlxft.data.encode import read_chat_jsonl
-
-    data = (cfg.get("data") or {}).get("path")
+    data = run.data_path
     for split in ("test", "valid"):
-        path = Path(data) / f"{split}.jsonl" if data else None
+        path = data / f"{split}.jsonl" if data else None
         if path and path.is_file():
             convs = []
             for row in read_chat_jsonl(path)[:n]:
@@ -75,8 +77,6 @@ def held_out_conversations(cfg: dict, n: int) -> tuple[list[list[dict]], str]:
 
 
 def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
-    from mlx_lm.generate import generate_step
-
     return [int(tok) for tok, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
 
 
@@ -100,10 +100,6 @@ def compare(reference: list[mx.array], fused: list[mx.array]) -> tuple[float, fl
 
 def write_model_folder(out: Path, model, tokenizer, base_path: Path, chat_template: str, record: dict) -> None:
     """An mlx-lm / HF folder: weights, config, tokenizer with the training chat template, mlxft_fuse.json."""
-    from mlx_lm.utils import load_config, save_config, save_model
-
-    from mlxft.models.load import is_quantized
-
     out.mkdir(parents=True)
     save_model(out, model, donate_model=False)
     config = load_config(base_path)
@@ -126,28 +122,18 @@ def write_model_folder(out: Path, model, tokenizer, base_path: Path, chat_templa
 def fuse_run(run_path: str | Path, out: str | Path, dequantize: bool = False, n_prompts: int = 8,
              new_tokens: int = 16, log=print) -> FuseReport:
     """Fuse, write to a temp folder, verify the written folder against base + adapter, then rename into place."""
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, load
-
-    from mlxft.data.encode import prompt_ids
-    from mlxft.models.load import load_run_base
-
     out = Path(out)
     if out.exists():
         raise FuseError(f"{out} already exists; choose a new folder")
-    run = RunDir.open(run_path)
-    cfg = run.read_config()
-    adapters = run.best_adapters
+    run = Run.open(run_path)
+    adapters = run.adapters
     if not (adapters / "adapters.safetensors").is_file():
         raise FuseError(f"run {run_path} has no adapters yet ({adapters}/adapters.safetensors missing)")
-    base = load_run_base(cfg)
-    load_adapters(base.model, str(adapters))
-    base.model.eval()
-    template = cfg.get("chat_template") or base.tokenizer.chat_template
-    base.tokenizer._tokenizer.chat_template = template
-    system = cfg.get("system_prompt")
+    base = load_run_base(run, with_adapters=True)  # with the training chat template
+    template = base.tokenizer.chat_template
+    system = run.system_prompt
 
-    conversations, source = held_out_conversations(cfg, n_prompts)
+    conversations, source = held_out_conversations(run, n_prompts)
     prompts = [prompt_ids(base.tokenizer, c, system) for c in conversations]  # the ids training used
     sequences = [p + greedy_continuation(base.model, p, new_tokens) for p in prompts]
     reference = [sequence_logits(base.model, s, len(p)) for s, p in zip(sequences, prompts)]
@@ -188,6 +174,4 @@ def fuse_run(run_path: str | Path, out: str | Path, dequantize: bool = False, n_
 
 
 def _leaves(model):
-    from mlx.utils import tree_flatten
-
     return tree_flatten(model.parameters())

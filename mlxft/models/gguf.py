@@ -26,9 +26,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import mlx.core as mx
+import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+import mlx.core as mx
 
 from mlxft.errors import ModelError
 
@@ -49,7 +51,6 @@ _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 def _type_name(kind: int) -> str:
     if kind in TENSOR_TYPES:
         return TENSOR_TYPES[kind]
-    import gguf
 
     try:
         return gguf.GGMLQuantizationType(kind).name
@@ -64,7 +65,6 @@ def supported_types() -> tuple[str, ...]:
     """Tensor types the importer reads: mx.load's own, plus all the ``gguf`` package dequantizes."""
     global _SUPPORTED
     if _SUPPORTED is None:
-        import gguf
 
         names = list(MLX_NATIVE_TYPES)
         for qtype, (block, size) in gguf.GGML_QUANT_SIZES.items():
@@ -82,7 +82,6 @@ def supported_types() -> tuple[str, ...]:
 def _mlx_bits(type_name: str) -> int:
     """The MLX width a re-quantized tensor of this GGUF type gets: its bits per weight, rounded down
     to one MLX offers (Q4_K 4.5 bpw -> 4, Q5_0 -> 5, Q6_K 6.56 -> 6, Q8_0 -> 8, IQ2_XXS -> 2)."""
-    import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     bpw = int(size * 8 / block)
@@ -534,8 +533,6 @@ def _load_tensors(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.ar
 
 
 def _load_tensors_numpy(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.array]:
-    import gguf
-
     arrays = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for name, info in tensors.items():

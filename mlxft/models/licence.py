@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxft.errors import ModelError
+from mlxft.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,6 @@ def require_acceptance(licence: Licence, terms: Path, cache: Path, model: str, v
         raise ModelError(f"{model} needs the {licence.name} accepted before first use (shown above; "
                          f"also at {licence.url}). To accept, run again with {licence.accept_env}=1, "
                          "or answer the question in a terminal.")
-    from mlxft.runs.run import write_atomic
 
     record = _record(cache, model, version)
     write_atomic(record, json.dumps({"licence": licence.name, "url": licence.url, "model": model,

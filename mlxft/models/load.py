@@ -10,15 +10,23 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub import snapshot_download
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import dequantize_model, load, load_model
 
 from mlxft.errors import ModelError
+from mlxft.models.gguf import import_gguf
 from mlxft.models.licence import Licence, require_acceptance
+from mlxft.runs.run import Run
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -88,8 +96,6 @@ def _distribution(name: str, spec: BuiltinModel, dist_name: str):
 
 
 def _dist_file(dist, suffix_pattern: str) -> Path | None:
-    import re
-
     for f in dist.files or []:
         if re.search(suffix_pattern, str(f)):
             path = Path(f.locate())
@@ -159,7 +165,6 @@ def accept_builtin_licence(name: str) -> None:
 def _convert_once(gguf: Path, out: Path, dequantize: str | None) -> Path:
     if (out / "config.json").exists():
         return out
-    from mlxft.models.gguf import import_gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -203,8 +208,6 @@ def resolve_model(source: str, dequantize: str | None = None) -> Path:
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(
             snapshot_download(
@@ -233,14 +236,16 @@ class BaseModel:
     default_template: bool  # True when mlxft supplied DEFAULT_CHAT_TEMPLATE
 
 
-def load_base(source: str, quantize: int | None = None, training: bool = True) -> BaseModel:
+def load_base(source: str, quantize: int | None = None, training: bool = True, tokenizer=None,
+              default_template: bool = False) -> BaseModel:
     """Load a base model at the precision that suits this backend.
 
     CPU: MLX's CPU quantized matmul is ~16x slower than dense fp32, so the base is
     dequantized to fp32. Metal/CUDA: a `quantize` of 4 or 8 keeps (or makes) a
-    quantized base (QLoRA), otherwise the source precision is kept.
+    quantized base (QLoRA), otherwise the source precision is kept. `tokenizer` (with
+    `default_template`, as data.encode.load_tokenizer returns them): one already loaded for
+    this source; then only the weights load.
     """
-    from mlx_lm.utils import load
 
     dev = backend()
     gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
@@ -254,18 +259,19 @@ def load_base(source: str, quantize: int | None = None, training: bool = True) -
         path = resolve_model(source, dequantize="bf16" if gguf_like else None)
         note = f"{dev} backend: full-precision base (the tier has memory to spare)"
     try:
-        model, tokenizer = load(str(path))
+        if tokenizer is None:
+            model, tokenizer = load(str(path))
+        else:
+            model, _ = load_model(path)
     except Exception as e:
         raise ModelError(f"could not load the model in {path}: {type(e).__name__}: {e}") from None
     if dev == "cpu" and is_quantized(model):
-        from mlx_lm.utils import dequantize_model
 
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
     elif dev != "cpu" and quantize and not is_quantized(model):
         nn.quantize(model, group_size=64, bits=quantize)
     precision = _precision(model)
-    default_template = False
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer._tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         default_template = True
@@ -274,15 +280,24 @@ def load_base(source: str, quantize: int | None = None, training: bool = True) -
     return BaseModel(model, tokenizer, path, precision, note, default_template)
 
 
-def load_run_base(run_config: dict) -> BaseModel:
-    """The base a run was trained on, at the precision training used, ready for inference."""
-    recipe = run_config["recipe"]
-    return load_base(recipe["model"]["source"], recipe.get("quantize"), training=False)
+def load_run_base(run: Run, with_adapters: bool = False) -> BaseModel:
+    """The base a run was trained on, at the precision training used, with the chat template it was
+    trained with (the parity rule), ready for inference; `with_adapters`: the run's adapter applied
+    (the best one, else the last)."""
+    base = load_base(run.base_source, run.quantize, training=False)
+    if run.chat_template:
+        base.tokenizer._tokenizer.chat_template = run.chat_template
+    if with_adapters:
+        adapters = run.adapters
+        if not (adapters / "adapters.safetensors").is_file():
+            raise ModelError(f"run {run.root} has no adapters yet ({adapters}/adapters.safetensors missing)")
+        load_adapters(base.model, str(adapters))
+        base.model.eval()
+    return base
 
 
 def _precision(model: nn.Module) -> str:
     """'4-bit', '8-bit', 'float32', ... as the weights actually are."""
-    from mlx.utils import tree_flatten
 
     bits = sorted({m.bits for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))})
     if bits:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxft.runs.summary import columns, flatten, fmt_delta, fmt_num, fmt_score, open_run, read_config, read_eval, summarize
+from mlxft.runs.summary import (
+    columns, flatten, fmt_delta, fmt_num, fmt_score, open_run, read_config, read_eval, summarize,
+)
 
 
 def config_differences(a: dict, b: dict) -> list[tuple[str, object, object]]:

@@ -21,12 +21,12 @@ import jinja2
 from markupsafe import Markup, escape
 
 import mlxft
+
 from mlxft.errors import MlxftError
+from mlxft.files import write_atomic
 from mlxft.runs.summary import (
-    Metrics, PREFERENCE_KEYS, fmt_delta, fmt_num, fmt_score, flatten, open_run, overfitting_spans, read_config,
-    read_eval, read_metrics, status_hint, summarize,
+    Metrics, PREFERENCE_KEYS, flatten, fmt_delta, fmt_num, fmt_score, open_run, overfitting_spans, read_config, read_eval, read_metrics, status_hint, summarize,
 )
-from mlxft.runs.run import write_atomic
 
 TEMPLATE = "report.html.j2"
 
@@ -36,7 +36,7 @@ TEMPLATE = "report.html.j2"
 
 def _png(fig) -> str:
     """A matplotlib figure as a data: URI (PNG, base64), then closed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (~1 s to import) loads only to draw
 
     buf = io.BytesIO()
     fig.tight_layout()
@@ -46,9 +46,9 @@ def _png(fig) -> str:
 
 
 def _figure(title: str, ylabel: str):
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (~1 s to import) loads only to draw
 
-    matplotlib.use("Agg")  # no display: files only
+    matplotlib.use("Agg")  # no display: files only; lazy: must come before pyplot's import
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.0, 3.3))

@@ -1,42 +1,24 @@
-"""Every path of a run in one place: `runs/<recipe>-<timestamp>/`."""
+"""A run folder: every path of it in one place (`RunDir`), and what it says about itself (`Run`).
+
+`runs/<recipe>-<timestamp>/` holds config.json (written by training: mlxft/training/setup.py),
+metrics.jsonl, checkpoints/, adapters/ (adapters/best/) and eval.json. Everything that reads a
+run back (eval, generate, chat, serve, fuse, report, baseline, `runs compare`) reads it through
+`Run`, so the meaning of config.json's keys lives here only.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from mlxft.config import Recipe
 from mlxft.errors import MlxftError
-
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see the old content or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def jsonl(rows) -> str:
-    """Rows as JSON Lines text (UTF-8 kept as is), the form every data file here uses."""
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def write_jsonl(path: Path, rows) -> None:
-    """Write rows as a .jsonl file atomically."""
-    write_atomic(path, jsonl(rows))
+from mlxft.files import write_atomic
+from mlxft.rank import is_main
 
 
 @dataclass(frozen=True)
@@ -98,26 +80,113 @@ class RunDir:
         return self.root / "eval.json"
 
     def read_config(self) -> dict:
-        return json.loads(self.config.read_text())
+        return read_json_object(self.config)
 
     def write_config(self, config: dict) -> None:
-        if not _writes():
+        if not is_main():  # only rank 0 of a data-parallel run writes the run folder
             return
         write_atomic(self.config, json.dumps(config, indent=2, default=str) + "\n")
 
     def log_metrics(self, record: dict) -> None:
-        if not _writes():
+        if not is_main():
             return
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def _writes() -> bool:
-    """Only rank 0 of a data-parallel run writes the run folder (always true in a single process)."""
-    from mlxft.training.distributed import is_main
-
-    return is_main()
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object, or one clear error naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MlxftError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MlxftError(f"{path} is not a JSON object")
+    return data
 
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "adapters").exists()
+
+
+class Run:
+    """A finished or running training run, read back from its folder.
+
+    The one reader of config.json: base model, precision, chat template and system prompt the run
+    was trained with, its method and recipe, and which adapter to use (the best, else the last).
+    """
+
+    def __init__(self, folder: RunDir, config: dict):
+        self.folder = folder
+        self.config = config
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        folder = RunDir.open(path)
+        return cls(folder, folder.read_config())
+
+    @property
+    def root(self) -> Path:
+        return self.folder.root
+
+    @property
+    def recipe_dict(self) -> dict:
+        return self.config.get("recipe") or {}
+
+    @cached_property
+    def recipe(self) -> Recipe:
+        """The resolved recipe the run trained with."""
+        return Recipe.from_dict(self.recipe_dict)
+
+    @property
+    def name(self) -> str:
+        return self.recipe_dict.get("name", "run")
+
+    @property
+    def method(self) -> str:
+        """sft, dpo or orpo: how the adapter was trained."""
+        return (self.recipe_dict.get("train") or {}).get("method", "sft")
+
+    @property
+    def base_source(self) -> str:
+        return self.recipe_dict["model"]["source"]
+
+    @property
+    def quantize(self) -> int | None:
+        return self.recipe_dict.get("quantize")
+
+    @property
+    def base(self) -> dict:
+        """config.json's base_model: source, resolved path, precision, note."""
+        return self.config.get("base_model") or {}
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt used in training, which inference must use too (the parity rule)."""
+        return self.config.get("system_prompt")
+
+    def system(self, override: str | None = None) -> str | None:
+        """`override` (a --system flag, a request's own prompt) when given, else the training one."""
+        return override if override is not None else self.system_prompt
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    @property
+    def adapters(self) -> Path:
+        """The adapter folder to evaluate, generate and serve with: the best one, else the last."""
+        return self.folder.best_adapters
+
+    @property
+    def data_path(self) -> Path | None:
+        path = (self.config.get("data") or {}).get("path")
+        return Path(path) if path else None
+
+    @property
+    def data_sha256(self) -> dict:
+        return (self.config.get("data") or {}).get("sha256") or {}
+
+    @property
+    def versions(self) -> dict:
+        return self.config.get("versions") or {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir
+from mlxft.runs.run import RunDir, read_json_object
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 PREFERENCE_KEYS = ("reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp")
@@ -87,18 +87,8 @@ def open_run(path: str | Path) -> RunDir:
     return RunDir.open(p)
 
 
-def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MlxftError(f"{path} cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MlxftError(f"{path} is not a JSON object")
-    return data
-
-
 def read_config(run: RunDir) -> dict:
-    return _json_object(run.config)
+    return read_json_object(run.config)
 
 
 def read_eval(run: RunDir) -> dict | None:
@@ -109,7 +99,7 @@ def read_eval(run: RunDir) -> dict | None:
     """
     if not run.eval_json.is_file():
         return None
-    data = _json_object(run.eval_json)
+    data = read_json_object(run.eval_json)
     if "suites" in data:
         _check_eval(data, run.eval_json)
         return data

@@ -5,7 +5,7 @@ loads the newest. A checkpoint is `RUN/checkpoints/step-000040/`:
 
     adapters.safetensors    the trainable weights (+ adapter_config.json, so stock mlx-lm loads it)
     optimizer.safetensors   AdamW moments and its step counter (= the learning-rate schedule position)
-    state.json              step, data position (epoch, index into batch_order), RNG states, counters,
+    state.json              step, data position (epoch, index into the epoch's batch order), RNG states, counters,
                             early-stopping and overfitting-alarm history
 
 It is written into a hidden temporary folder and renamed into place, so a crash at any moment
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,42 +29,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.training.distributed import is_main
 from mlxft.errors import MlxftError
-from mlxft.runs.run import RunDir, write_atomic
+from mlxft.files import fsync_path, write_atomic
+from mlxft.rank import is_main
+from mlxft.runs.run import RunDir
+from mlxft.training.progress import Progress
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(MlxftError):
     """A checkpoint is missing, or does not match the run it is loaded into."""
-
-
-@dataclass
-class Progress:
-    """Everything besides tensors that the loop needs to continue exactly where it stopped."""
-
-    step: int = 0  # optimizer steps done
-    # batch_order is deterministic per (seed, epoch), so (epoch, position) pins the data order.
-    epoch: int = 0
-    position: int = 0  # index of the next micro-batch in this epoch's batch list
-    tokens: int = 0
-    supervised_tokens: int = 0
-    train_seconds: float = 0.0
-    window_loss: float = 0.0  # sum of step losses since the last metrics line
-    window_n: int = 0
-    since_val_loss: float = 0.0  # sum of step losses since the last validation (overfitting alarm)
-    since_val_n: int = 0
-    last_loss: float = math.nan
-    val_loss: float | None = None
-    best_val_loss: float | None = None  # the adapter in RUN/adapters/best has this loss
-    best_step: int | None = None
-    patience_ref: float | None = None  # the loss a validation must beat by min_delta to count as progress
-    bad_evals: int = 0  # validations in a row without such progress
-    # [validation loss, mean train loss since the previous validation] per validation.
-    history: list[list[float]] = field(default_factory=list)
-    stop_reason: str | None = None  # "done" or "early stopping" once the run has ended
-    rng: dict = field(default_factory=dict)  # mx.random key and numpy's global state at the step
 
 
 def capture_rng() -> dict:
@@ -92,7 +65,7 @@ def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> None:
     weights = dict(tree_flatten(model.trainable_parameters()))
     tmp = out_dir / f".adapters-{os.getpid()}.safetensors"
     mx.save_safetensors(str(tmp), weights)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, out_dir / "adapters.safetensors")
     write_atomic(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
@@ -109,13 +82,13 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_adapters(model, tmp, adapter_cfg)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    _fsync(tmp / "optimizer.safetensors")
+    fsync_path(tmp / "optimizer.safetensors")
     progress.rng = capture_rng()
     write_atomic(tmp / "state.json", json.dumps(dataclasses.asdict(progress), indent=1) + "\n")
     if final.exists():  # a resumed run replaying a step it had saved before: same content
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(run.checkpoints)
+    fsync_path(run.checkpoints)
     prune_checkpoints(run, keep)
     return final
 
@@ -175,12 +148,3 @@ def truncate_metrics(run: RunDir, step: int) -> None:
     lines = run.metrics.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     write_atomic(run.metrics, "".join(line + "\n" for line in kept))
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a power cut after the rename cannot expose empty files."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

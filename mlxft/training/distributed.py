@@ -20,6 +20,7 @@ waited longer than MLXFT_DIST_TIMEOUT seconds (default 600) for the others durin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -38,15 +39,20 @@ import numpy as np
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxft import rank as ranks
 from mlxft.errors import ConfigError, MlxftError
+from mlxft.rank import is_main, rank, size
+from mlxft.runs.run import RunDir
+from mlxft.training.checkpoint import latest_checkpoint, load_checkpoint as load_local, restore_rng
+from mlxft.training.progress import Progress
 
 # Longest a rank waits inside a collective before concluding another rank is gone. It covers
 # rank 0 writing a checkpoint while the others wait at the next step, so it is generous.
 DEFAULT_TIMEOUT_S = 600.0
 
-_group = None  # the mx.distributed group once initialised
 _run_root: Path | None = None  # for the "last checkpoint" hint in failure messages
 
 
@@ -64,31 +70,11 @@ def init() -> int:
     ranks other than 0 stay quiet (errors still go to stderr), SIGTERM from the launcher
     becomes a clear error, and the wait watchdog starts.
     """
-    first = _group is None
-    group = _world()
+    first = not ranks.joined()
+    group = ranks.world()
     if first and group.size() > 1:
         _install_rank_handlers(group)
     return group.size()
-
-
-def _world():
-    global _group
-    if _group is None:
-        _group = mx.distributed.init()
-    return _group
-
-
-def size() -> int:
-    return 1 if _group is None else _group.size()
-
-
-def rank() -> int:
-    return 0 if _group is None else _group.rank()
-
-
-def is_main() -> bool:
-    """True on the rank that writes files and prints (always, outside a distributed run)."""
-    return rank() == 0
 
 
 def _install_rank_handlers(group) -> None:
@@ -132,9 +118,6 @@ def _on_sigterm(signum, frame):
 
 
 def _resume_hint() -> str:
-    from mlxft.training.checkpoint import latest_checkpoint
-    from mlxft.runs.run import RunDir
-
     if _run_root is None:
         return "no run folder was created yet"
     if not is_main():
@@ -294,38 +277,35 @@ def check_batch_size(batch_size: int) -> None:
         )
 
 
-def shard_batch(rows: list) -> tuple[list, float, int, int]:
-    """This rank's slice of a global batch, its gradient weight, and the whole batch's token counts.
+def shard_batch(items: list, weights: list[float]) -> tuple[list, float]:
+    """This rank's slice of a global batch and its gradient weight.
 
-    The weight is N x (this slice's supervised tokens / the batch's), so averaging the weighted
-    per-rank mean-loss gradients over N ranks gives the gradient of the batch's token mean: the
-    same step one process takes on the whole batch. Every rank holds the whole batch, so the
-    counts need no communication.
+    `weights`: each item's weight in the batch's mean loss (SFT: its supervised tokens; a
+    preference pair: 1). The weight is N x (this slice's share of the total), so averaging the
+    weighted per-rank mean-loss gradients over N ranks gives the gradient of the batch's mean:
+    the same step one process takes on the whole batch. Every rank holds the whole batch, so
+    the shares need no communication.
     """
-    n_tok = sum(len(r.ids) - 1 for r in rows)
-    sup = [int(r.mask[1:].sum()) for r in rows]
-    n_sup = sum(sup)
     if size() == 1:
-        return rows, 1.0, n_tok, n_sup
-    per = len(rows) // size()
+        return items, 1.0
+    total = sum(weights)
+    per = len(items) // size()
     lo, hi = rank() * per, (rank() + 1) * per
-    weight = size() * sum(sup[lo:hi]) / n_sup if n_sup else 0.0
-    return rows[lo:hi], weight, n_tok, n_sup
+    return items[lo:hi], (size() * sum(weights[lo:hi]) / total if total else 0.0)
 
 
-def reduce_step(grads, loss):
-    """Average the weighted gradients and losses over ranks (mlx's average_gradients: one
-    all-reduce per 32 MB of gradients). Local compute finishes first, so the watchdog times
+def reduce_step(grads, loss, stats: dict):
+    """Average the weighted gradients, losses and statistics over ranks (mlx's average_gradients:
+    one all-reduce per 32 MB of gradients). Local compute finishes first, so the watchdog times
     only the wait for the other ranks."""
     if size() == 1:
-        return grads, loss
-    from mlx.nn.utils import average_gradients
-
-    mx.eval(grads, loss)
+        return grads, loss, stats
+    mx.eval(grads, loss, stats)
     grads = average_gradients(grads)
     loss = mx.distributed.all_sum(loss) / size()
-    _wait("the gradient all-reduce", grads, loss)
-    return grads, loss
+    stats = {k: mx.distributed.all_sum(v) / size() for k, v in stats.items()}
+    _wait("the gradient all-reduce", grads, loss, stats)
+    return grads, loss, stats
 
 
 @contextlib.contextmanager
@@ -351,25 +331,22 @@ def _set_key(key) -> None:
     mx.random.seed((hi << 32) | lo)  # seeding with a key's 64-bit value sets that key
 
 
-def validation_loss(evaluate, model, loss_fn, rows: list, batch_size: int, max_batches: int) -> float:
-    """`evaluate`'s token-weighted validation loss, each rank scoring a slice of the same rows."""
+def validation_sums(evaluate, model, items: list, batch_size: int, keys) -> tuple[dict[str, float], float]:
+    """`evaluate(model, items, batch_size)`'s weighted sums (of `keys`) and total weight over all
+    `items`, each rank scoring a slice of them (at batch_size / N)."""
     if size() == 1:
-        return evaluate(model, loss_fn, rows, batch_size, max_batches)
-    n = len(rows) if max_batches < 0 else min(len(rows), batch_size * max_batches)
-    per = -(-n // size())
-    mine = rows[rank() * per : min((rank() + 1) * per, n)]
-    count = sum(int(r.mask[1:].sum()) for r in mine)
-    local = evaluate(model, loss_fn, mine, max(batch_size // size(), 1), -1) if mine else 0.0
-    total = mx.distributed.all_sum(mx.array([local * count, float(count)], dtype=mx.float32))
+        return evaluate(model, items, batch_size)
+    per = -(-len(items) // size())
+    mine = items[rank() * per : (rank() + 1) * per]
+    sums, weight = evaluate(model, mine, max(batch_size // size(), 1)) if mine else ({}, 0.0)
+    total = mx.distributed.all_sum(mx.array([sums.get(k, 0.0) for k in keys] + [float(weight)], dtype=mx.float32))
     _wait("validation", total)
-    loss_sum, tokens = total.tolist()
-    return loss_sum / max(tokens, 1.0)
+    values = total.tolist()
+    return dict(zip(keys, values[:-1])), values[-1]
 
 
 def create_run(recipe_name: str, root: Path | None):
     """Rank 0 creates the run folder; the others learn its path (they never write to it)."""
-    from mlxft.runs.run import RunDir
-
     global _run_root
     path = on_main(lambda: str(RunDir.create(recipe_name, root).root))
     _run_root = Path(path)
@@ -414,13 +391,9 @@ def check_same_start(config: dict, model) -> None:
 
 def load_checkpoint(path: Path, model, optimizer):
     """Rank 0 reads the checkpoint; every rank gets its weights, optimizer state, RNG and position."""
-    from mlxft.training.checkpoint import Progress, load_checkpoint as load, restore_rng
-
     if size() == 1:
-        return load(path, model, optimizer)
-    import dataclasses
-
-    progress = load(path, model, optimizer) if is_main() else None
+        return load_local(path, model, optimizer)
+    progress = load_local(path, model, optimizer) if is_main() else None
     state = _broadcast_json(dataclasses.asdict(progress) if is_main() else None)
     weights = _broadcast_arrays(tree_flatten(model.trainable_parameters()) if is_main() else None)
     moments = _broadcast_arrays(tree_flatten(optimizer.state) if is_main() else None)

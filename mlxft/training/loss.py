@@ -20,6 +20,7 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxft.models import families
 from mlxft.training.fast import fastmath
 
 # fp32 logits per chunk. Measured (tests/test_loss.py, README): a chunked backward peaks at ~12
@@ -66,6 +67,18 @@ def head_weight(model: nn.Module) -> mx.array | None:
         head = model.model.embed_tokens
         plain = type(head) is nn.Embedding
     return head.weight if plain else None
+
+
+def lm_head(model: nn.Module, h: mx.array) -> mx.array:
+    """Logits from final hidden states (the output projection, or the tied embeddings)."""
+    if getattr(model, "lm_head", None) is not None and not getattr(model.args, "tie_word_embeddings", False):
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def has_sparse_head(model: nn.Module, family: str) -> bool:
+    """Whether the head can run at supervised positions only (hidden states gathered before it)."""
+    return family in families.SPARSE_HEAD and hasattr(model, "model")
 
 
 def supervised_loss(model: nn.Module, head, h: mx.array, targets: mx.array, chunk_bytes: int = CHUNK_BYTES) -> mx.array:

@@ -20,10 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub import snapshot_download
 
 from mlxft.config import Recipe
-from mlxft.errors import ConfigError
+from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
+from mlxft.doctor import matmul_gflops
+from mlxft.errors import ConfigError, ModelError
+from mlxft.models.load import BUILTIN_PREFIX, backend as current_backend, resolve_model
+from mlxft.recipes import resolve_data_dir, usable_memory_bytes
+from mlxft.training.batches import EpochBatches
 from mlxft.training.fast.fastmath import can_build_kernels
+from mlxft.training.fast.paths import speed_paths
+from mlxft.training.fast.prefix import PAD_MULTIPLE, batch_groups, row_groups
 from mlxft.training.loss import logits_peak_bytes
 
 # Share of the budget a run may plan to use: the process itself, the OS and the allocator's
@@ -133,13 +141,8 @@ def shape_from_config(c: dict) -> Shape:
 
 
 def _local_config(source: str) -> dict | None:
-    from mlxft.models.load import BUILTIN_PREFIX, resolve_model
-    from mlxft.errors import ModelError
-
     if not (source.startswith(BUILTIN_PREFIX) or Path(source).expanduser().exists()):
         try:
-            from huggingface_hub import snapshot_download
-
             path = Path(snapshot_download(source, allow_patterns=["config.json"], local_files_only=True))
             return json.loads((path / "config.json").read_text())
         except Exception:
@@ -193,21 +196,21 @@ class Batch:
         return self.rows * self.suffix + self.prefixes * self.prefix if self.prefix else self.rows * self.suffix
 
 
-def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], str | None]:
+def epoch_batches(recipe: Recipe, data_dir: Path | None, rows: list | None = None) -> tuple[list[Batch], str | None]:
     """The batches of training's first epoch, in its order, as the step runs them (shared prefix
-    split off where it applies). Without readable data: one batch of max_seq_length rows, and a
-    note saying so."""
+    split off where it applies). `rows`: the training split already encoded (as `mlxft train`
+    has it), else read from `data_dir`. Without readable data: one batch of max_seq_length rows,
+    and a note saying so."""
     t = recipe.train
     worst = Batch(t.batch_size, t.max_seq_length, 0, t.batch_size * t.max_seq_length // 4, (),
                   t.batch_size * t.max_seq_length)
-    if data_dir is None or not (Path(data_dir) / "train.jsonl").is_file():
+    if rows is None and (data_dir is None or not (Path(data_dir) / "train.jsonl").is_file()):
         return [worst], f"no data at {data_dir}: assumed every row is max_seq_length={t.max_seq_length} tokens"
     try:
-        rows = _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt, t.max_seq_length)
+        rows = rows if rows is not None else _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt,
+                                                           t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
-    from mlxft.training.fast.prefix import PAD_MULTIPLE, batch_groups, row_groups
-    from mlxft.training.train import epoch_order
 
     def part(batch, skips, index, prefixes=1):  # rows after their prefixes (skips: one per row; 0: full rows)
         S = max(len(e.ids) - 1 - k for e, k in zip(batch, skips))
@@ -215,20 +218,16 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None) -> tuple[list[Batch], s
         return Batch(len(batch), S, max(skips), sum(int(e.mask[1:].sum()) for e in batch), index,
                      sum(len(e.ids) - 1 for e in batch), prefixes)
 
-    shared = t.shared_prefix and not t.grad_checkpoint
-    order = epoch_order(rows, t, 0, shared) or [np.arange(min(len(rows), t.batch_size))]  # as training batches
+    paths = speed_paths(recipe)
+    order = EpochBatches(rows, t, grouped=paths.grouped_batches).order(0)  # as training draws them
+    order = order or [np.arange(min(len(rows), t.batch_size))]
     out = []
     for b in order:
         batch, index = [rows[i] for i in b], tuple(int(i) for i in b)
-        groups = batch_groups(batch, several=not t.packing) if shared else None  # packing: one shared prefix
+        groups = batch_groups(batch, several=not paths.packing) if paths.shared_prefix else None  # packing: one prefix
         _, skips = row_groups(groups or [], len(batch))  # a group per system prompt, each with its own prefix
         out.append(part(batch, skips, index, len(groups or ())))
     return out, None
-
-
-def longest_batch(recipe: Recipe, data_dir: Path | None) -> tuple[Batch, str]:
-    """The batch with the most tokens training will see, from the data when it is readable."""
-    return _longest(*epoch_batches(recipe, data_dir), data_dir)
 
 
 def _longest(batches: list[Batch], note: str | None, data_dir) -> tuple[Batch, str]:
@@ -246,8 +245,6 @@ def prefix_note(b: Batch) -> str:
 
 @functools.lru_cache(maxsize=4)  # auto-fit re-plans the same data several times
 def _encoded_rows(source: str, data_dir: str, system_prompt: str | None, max_seq_length: int):
-    from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
-
     tok, _ = load_tokenizer(source)
     split = load_splits(Path(data_dir), ("train",))["train"]
     return encode_rows(tok, split, system_prompt, max_seq_length)
@@ -322,22 +319,18 @@ def step_flops(shape: Shape, n_train: int, lora, b: Batch, checkpoint: bool = Fa
 
 
 def plan_recipe(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int | None = None,
-                backend: str | None = None, measure_speed: bool = True) -> Plan:
-    """Plan `recipe` on this machine (or for `budget_bytes` / `backend` when given)."""
-    from mlxft.models.load import backend as current_backend
-    from mlxft.training.train import resolve_data_dir
-
+                backend: str | None = None, measure_speed: bool = True, rows: list | None = None) -> Plan:
+    """Plan `recipe` on this machine (or for `budget_bytes` / `backend` when given); `rows`: the
+    training split already encoded."""
     backend = backend or current_backend()
     if budget_bytes is None:
         budget_bytes = budget_for(recipe)
     shape = shape_of(recipe.model.source)
     data_dir = resolve_data_dir(data_dir or recipe.data.path)
-    batches, note = epoch_batches(recipe, data_dir)
+    batches, note = epoch_batches(recipe, data_dir, rows)
     batch, note = _longest(batches, note, data_dir)
     flops = None
     if measure_speed:
-        from mlxft.doctor import matmul_gflops
-
         flops = matmul_gflops(2048, repeats=3) * 1e9  # the size `mlxft doctor` and `make bench` measure: steadier than 1024
     plan = predict(recipe, shape, batch, backend, budget_bytes, flops, batches)
     plan.notes.append(note)
@@ -346,20 +339,19 @@ def plan_recipe(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int 
 
 def budget_for(recipe: Recipe) -> int:
     """The recipe's tier in bytes, never more than this machine can give a run (Metal working set or RAM)."""
-    from mlxft.recipes import usable_memory_bytes
-
     usable = usable_memory_bytes()
     return min(int(recipe.tier * 2**30), usable) if recipe.tier else usable
 
 
-def check_fits(recipe: Recipe, data_dir, fit: bool, log) -> Recipe:
-    """`mlxft train`'s gate: refuse a run that will not fit, or (fit=True) change it until it does."""
-    plan = plan_recipe(recipe, data_dir, measure_speed=False)
+def check_fits(recipe: Recipe, data_dir, fit: bool, log, rows: list | None = None) -> Recipe:
+    """`mlxft train`'s gate: refuse a run that will not fit, or (fit=True) change it until it does
+    (`rows`: the training split already encoded)."""
+    plan = plan_recipe(recipe, data_dir, measure_speed=False, rows=rows)
     if plan.fits:
         return recipe
     if not fit:
         raise ConfigError(refusal(plan))
-    fitted, changes = auto_fit(recipe, data_dir)
+    fitted, changes = auto_fit(recipe, data_dir, rows=rows)
     if not fitted.fits:
         raise ConfigError(f"--auto-fit could not make it fit (tried: {', '.join(changes) or 'nothing left to change'}); "
                           + refusal(fitted))
@@ -369,14 +361,13 @@ def check_fits(recipe: Recipe, data_dir, fit: bool, log) -> Recipe:
 
 
 def auto_fit(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int | None = None,
-             backend: str | None = None) -> tuple[Plan, list[str]]:
-    """Shrink the batch (keeping batch x accumulation), then checkpoint, then quantize, until it fits."""
-    from mlxft.models.load import backend as current_backend
-
+             backend: str | None = None, rows: list | None = None) -> tuple[Plan, list[str]]:
+    """Shrink the batch (keeping batch x accumulation), then checkpoint, then quantize, until it fits;
+    mutates `recipe`."""
     backend = backend or current_backend()
     t = recipe.train
     changes: list[str] = []
-    plan = plan_recipe(recipe, data_dir, budget_bytes, backend, measure_speed=False)
+    plan = plan_recipe(recipe, data_dir, budget_bytes, backend, measure_speed=False, rows=rows)
     while not plan.fits:
         if t.batch_size > 1:
             t.batch_size, t.grad_accumulation = t.batch_size // 2, t.grad_accumulation * 2
@@ -389,7 +380,7 @@ def auto_fit(recipe: Recipe, data_dir: Path | None = None, budget_bytes: int | N
             changes.append("quantize=4 (QLoRA on a 4-bit base)")
         else:
             break
-        plan = plan_recipe(recipe, data_dir, budget_bytes, backend, measure_speed=False)
+        plan = plan_recipe(recipe, data_dir, budget_bytes, backend, measure_speed=False, rows=rows)
     return plan, changes
 
 

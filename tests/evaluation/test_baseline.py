@@ -14,7 +14,7 @@ from conftest import LABELS, SYSTEM
 from mlxft.evaluation.baseline import column, format_baseline, merge_for_run, prompting_setups, score_setups, verdict
 from mlxft.cli import main
 from mlxft.errors import DataError
-from mlxft.runs.run import RunDir
+from mlxft.runs.run import Run, RunDir
 from tiny_run import train_tiny_run
 
 
@@ -71,7 +71,7 @@ def test_few_shot_examples_come_from_the_training_split_only(tmp_path, tiny_data
 
 def test_gate_verdicts_say_plainly_whether_fine_tuning_is_needed(tmp_path, tiny_data):
     from mlxft.config import EvalConfig
-    from mlxft.evaluation.evaluate import Side
+    from mlxft.evaluation.sides import Side
     from mlxft.evaluation.suites import load_suite
 
     def entry(gate, zero_answers, few_answers):
@@ -161,13 +161,12 @@ def test_eval_and_report_show_baseline_columns_beside_base_and_adapter(tmp_path,
 
 
 def test_a_baseline_of_another_base_model_is_not_merged(tmp_path, trained):
-    run = RunDir(trained)
-    cfg = run.read_config()
+    run = Run.open(trained)
     (trained.parent / "baselines").mkdir(exist_ok=True)
     (trained.parent / "baselines" / "tiny.json").write_text(json.dumps(
         {"version": 1, "recipe": "tiny", "base_model": "builtin:other", "suites": {"toy": {}}}))
     result = {"suites": {"toy": {"data": "x", "scorers": [{"name": "accuracy", "values": {"base": 0, "adapter": 1}}]}}}
-    merge_for_run(result, run, cfg)
+    merge_for_run(result, run)
     assert "baseline" not in result["suites"]["toy"]
     assert column(5) == "base 5-shot"
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
 from mlxft.recipes import load_recipe
-from mlxft.training.train import collate
+from mlxft.training.sft import collate
 
 from conftest import SYSTEM
 
@@ -76,7 +76,7 @@ def _two_prompt_data(tiny_data: Path, out: Path) -> Path:
 
 def test_peer_batches_are_the_rows_mlxft_trains_on(tiny_model, tiny_data, tmp_path):
     from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     peer = _peer()
     data = _two_prompt_data(tiny_data, tmp_path / "data")
@@ -140,7 +140,7 @@ def test_peft_peer_trains_three_steps(tiny_model, tiny_data, tmp_path):
     recipe = load_recipe("smollm2-135m", tier=8, overrides=sets)
     first = peer.mlxft_batches(tiny_model, recipe, tiny_data, 1)[0]
     from mlxft.models.load import load_base
-    from mlxft.training.train import make_loss
+    from mlxft.training.sft import make_loss
 
     model = load_base(str(tiny_model)).model
     labels = first["labels"]

@@ -15,7 +15,7 @@ from mlxft.training.checkpoint import list_checkpoints
 from tiny_run import wait_for_checkpoint
 from mlxft.errors import MlxftError
 from mlxft.recipes import load_recipe
-from mlxft.training.train import resume, train
+from mlxft.training.setup import resume, train
 
 ITERS = 80
 SAVE_EVERY = 5

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mlxft.recipes import load_recipe
-from mlxft.training.train import train
+from mlxft.training.setup import train
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ CURVE_RTOL = 1e-3
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_shared_prefix_loss_and_grads_equal_full_rows(tiny_model, tiny_data, num_layers):
-    from mlxft.training.train import lm_head
+    from mlxft.training.loss import lm_head
 
     mx.random.seed(0)
     model, tok = lora_model(tiny_model, num_layers)
@@ -61,7 +61,8 @@ def test_qwen2_family_shared_prefix_matches(tiny_data, tmp_path):
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from conftest import write_tokenizer
-    from mlxft.training.train import collate, lm_head, make_loss
+    from mlxft.training.sft import collate, make_loss
+    from mlxft.training.loss import lm_head
     from mlx_lm.utils import load
 
     vocab = write_tokenizer(tmp_path)
@@ -109,7 +110,7 @@ def test_prefix_groups_batch_rows_under_one_system_prompt(tiny_model, tiny_data)
     """Two system prompts mixed: grouped batches come from one prompt (so the shared prefix runs
     once per batch); with one prompt the grouped order is exactly the plain length-bucketed one."""
     from mlxft.data.encode import encode_rows
-    from mlxft.training.train import batch_order, prefix_groups
+    from mlxft.training.batches import batch_order, prefix_groups
 
     _, tok = lora_model(tiny_model)
     raw = _without_system(tiny_data)
@@ -142,7 +143,7 @@ def test_a_batch_under_several_system_prompts_runs_a_shared_prefix_per_group(tin
     """Rows under two system prompts plus one under a third: a group per prompt, each prefix run
     once, and the loss, gradients and token counts equal the full rows'."""
     from mlxft.data.encode import encode_rows
-    from mlxft.training.train import lm_head
+    from mlxft.training.loss import lm_head
 
     model, tok = lora_model(tiny_model, num_layers, seed=0)
     raw = _without_system(tiny_data)[:7]

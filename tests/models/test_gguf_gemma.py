@@ -457,7 +457,7 @@ def test_gemma3_recipe_adapters_attach_to_the_imported_model(tiny_gemma3, tmp_pa
     from mlx.utils import tree_flatten
 
     from mlxft.recipes import load_recipe
-    from mlxft.training.train import attach_adapters
+    from mlxft.training.adapters import attach_adapters
 
     recipe = load_recipe("gemma3-270m", tier=16, overrides=[f"lora.num_layers={G['layers']}"])
     model, _ = load(str(import_gguf(tiny_gemma3[0], tmp_path / "m", dequantize="fp32")))

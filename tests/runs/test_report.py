@@ -284,7 +284,7 @@ def test_report_renders_in_headless_chromium_and_a_broken_image_is_caught(fake_r
 
 def test_report_on_a_real_tiny_training_run(tiny_model, tiny_data, tmp_path):
     from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     from conftest import SYSTEM
 

@@ -28,7 +28,7 @@ from mlxft.training.checkpoint import list_checkpoints
 from tiny_run import wait_for_checkpoint
 from mlxft.errors import ConfigError
 from mlxft.recipes import load_recipe
-from mlxft.training.train import train
+from mlxft.training.setup import train
 
 ITERS = 40
 SAVE_EVERY = 5
@@ -130,8 +130,12 @@ def test_single_process_is_a_group_of_one(tiny_model):
 
     from mlxft.data.encode import Encoded
 
+    from mlxft.training.sft import SFT
+
     rows = [Encoded(np.arange(5, dtype=np.int32), np.array([0, 0, 1, 1, 1], bool)) for _ in range(4)]
-    shard, weight, n_tok, n_sup = dist.shard_batch(rows)
+    sft = SFT(None, rows, [])
+    shard, weight = dist.shard_batch(rows, sft.weights(rows))
+    n_tok, n_sup = sft.counts(rows)
     assert shard is rows and weight == 1.0 and (n_tok, n_sup) == (16, 12)
 
 

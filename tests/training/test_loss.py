@@ -13,7 +13,8 @@ import mlx.nn as nn
 
 from mlxft.training.fast import fastmath
 from mlxft.training.loss import CHUNKED_PEAK_CHUNKS, FUSED_ONE_PIECE_COPIES, ONE_PIECE_COPIES, fused_one_piece, chunk_rows, logits_peak_bytes, supervised_loss
-from mlxft.training.train import lm_head, make_loss
+from mlxft.training.loss import lm_head
+from mlxft.training.sft import make_loss
 
 from lora_fixtures import assert_grads_close
 

@@ -85,7 +85,7 @@ CASES = [  # (model, data, overrides): LoRA with/without the shared prefix, chec
 
 @pytest.mark.parametrize("model,data,overrides", CASES)
 def test_predicted_peak_memory_within_15_percent(shapes, tmp_path, model, data, overrides):
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     sets = [f"model.source={shapes[model]}", "train.iters=2", "train.val_every=1000", "train.val_batches=1",
             "train.max_seq_length=1024", "train.save_every=0", *overrides]
@@ -160,11 +160,12 @@ REAL = [  # the default recipe on its own data, and two levers a user pulls
 def test_real_model_predicted_peak_within_15_percent(tmp_path, overrides):
     """SmolLM2-135M on the recipe's data: one step on the plan's longest batch, measured vs predicted."""
     from mlxft.data.encode import load_splits
-    from mlxft.training.train import resolve_data_dir, train
+    from mlxft.recipes import resolve_data_dir
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", tier=8, overrides=overrides)
     source = resolve_data_dir(recipe.data.path)
-    batch, _ = planner.longest_batch(recipe, source)
+    batch = max(planner.epoch_batches(recipe, source)[0], key=lambda b: b.padded)  # the first of equals
     assert len(batch.indices) == batch.rows
     rows = load_splits(source, ("train",))["train"]
     data = tmp_path / "worst"
@@ -186,7 +187,8 @@ def test_real_model_batch_under_two_system_prompts_predicted_within_15_percent(t
     """The longest batch that runs as a group per system prompt (task rows + replay rows): one step,
     measured vs predicted (the plan sums the groups' activations)."""
     from mlxft.data.encode import load_splits
-    from mlxft.training.train import resolve_data_dir, train
+    from mlxft.recipes import resolve_data_dir
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", tier=8)
     source = resolve_data_dir(recipe.data.path)

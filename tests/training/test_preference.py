@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from mlxft.config import DataConfig, LoraConfig, ModelConfig, PreferenceConfig, Recipe, TrainConfig
 from mlxft.errors import DataError
-from mlxft.training.preference import encode_pairs, pair_logps, preference_loss, split_pair
-from mlxft.training.train import train
+from mlxft.data.pairs import encode_pairs, split_pair
+from mlxft.training.preference import pair_logps, preference_loss
+from mlxft.training.setup import train
 
 from conftest import LABELS, SYSTEM, write_tokenizer
 
@@ -153,7 +154,7 @@ def test_dpo_step0_loss_is_log2_and_training_raises_the_margin(tiny_model, pair_
     assert cfg["recipe"]["train"]["method"] == "dpo" and cfg["preference"]["beta"] == 0.1
     assert (res.run.best_dir / "adapters.safetensors").is_file()
     # The eval: base vs adapter preference accuracy, written to eval.json as a suite.
-    from mlxft.training.preference import PAIRS_SUITE, compare_pairs
+    from mlxft.evaluation.pairs import PAIRS_SUITE, compare_pairs
 
     result = compare_pairs(res.run.root, pair_data / "train.jsonl", log=lambda *_: None)
     suite = json.loads((res.run.root / "eval.json").read_text())["suites"][PAIRS_SUITE]
@@ -236,7 +237,7 @@ def test_dpo_memory_stays_below_two_copies_of_the_base(tmp_path):
 
 
 def test_resume_continues_a_dpo_run_exactly(tiny_model, pair_data, tmp_path):
-    from mlxft.training.train import resume
+    from mlxft.training.setup import resume
 
     recipe = pref_recipe(tiny_model, pair_data, "dpo", iters=8, save_every=4, keep_checkpoints=3, val_every=4)
     res = train(recipe, runs_root=tmp_path, **QUIET)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
-from mlxft.training.train import batch_order, collate, make_loss, train
+from mlxft.training.batches import batch_order
+from mlxft.training.sft import collate, make_loss
+from mlxft.training.setup import train
 
 from conftest import SYSTEM
 
@@ -130,7 +132,7 @@ def test_epochs_set_the_step_count_and_walk_the_data_order(tiny_model, tiny_data
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_lr_schedules_warm_up_then_follow_their_shape(tiny_model, tiny_data, schedule):
-    from mlxft.training.train import build_schedule
+    from mlxft.training.adapters import build_schedule
 
     lr = 1e-3
     sched = build_schedule(tiny_recipe(tiny_model, tiny_data, learning_rate=lr, lr_schedule=schedule, warmup_steps=10), 110)
@@ -165,9 +167,10 @@ def test_checkpoints_are_complete_pruned_and_skip_half_written_ones(tiny_model, 
 
 def poison_loss_at(monkeypatch, step: int):
     """Make the training loss NaN on the `step`-th training forward pass (validation untouched)."""
-    import mlxft.training.train as train_module
+    import mlxft.training.fast.paths as paths_module
+    import mlxft.training.sft as sft_module
 
-    real = train_module.make_loss
+    real = sft_module.make_loss
     calls = {"n": 0}
 
     def make_poisoned(model, family):
@@ -183,15 +186,15 @@ def poison_loss_at(monkeypatch, step: int):
 
         return poisoned
 
-    monkeypatch.setattr(train_module, "make_loss", make_poisoned)
-    monkeypatch.setattr(train_module, "supports_shared_prefix", lambda *a: False)  # poison the plain forward
+    monkeypatch.setattr(sft_module, "make_loss", make_poisoned)
+    monkeypatch.setattr(paths_module, "supports_shared_prefix", lambda *a: False)  # poison the plain forward
 
 
 def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(tiny_model, tiny_data, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from mlxft.cli import main
-    from mlxft.training.train import resume
+    from mlxft.training.setup import resume
 
     poison_loss_at(monkeypatch, 13)
     out = CliRunner().invoke(main, ["train", "smollm2-135m", "--tier", "8", "--data", str(tiny_data), "--runs-dir", str(tmp_path),
@@ -237,7 +240,7 @@ def test_early_stopping_ends_an_overfitting_run_and_keeps_the_best_adapter(tiny_
 
     from mlxft.data.encode import encode_rows, read_chat_jsonl
     from mlxft.runs.run import RunDir
-    from mlxft.training.train import validation_loss
+    from mlxft.training.sft import SFT, PlainForward
 
     r = tiny_recipe(tiny_model, memorisable_data, iters=300, learning_rate=2e-3, lr_schedule="constant", warmup_steps=0,
                     batch_size=4, val_every=5, val_batches=-1, save_every=0, early_stopping_patience=3)
@@ -258,23 +261,26 @@ def test_early_stopping_ends_an_overfitting_run_and_keeps_the_best_adapter(tiny_
     # Stock mlx-lm loads best/, and it scores exactly the lowest validation loss seen.
     model, tok = load(str(tiny_model), adapter_path=str(run.best_dir))
     rows = encode_rows(tok, read_chat_jsonl(memorisable_data / "valid.jsonl"), SYSTEM, 64)
-    loss = validation_loss(model, make_loss(model, "llama"), rows, 4, -1)
+    validation = SFT(r, rows, rows)
+    validation.forward = PlainForward(model, "llama")
+    sums, weight = validation.validation_sums(model, rows, 4)
+    loss = sums["loss"] / weight
     assert loss == pytest.approx(val[best_step], abs=1e-5)
 
 
 def test_qlora_on_a_quantized_base_trains_only_lora_weights(tiny_model, tiny_data, tmp_path, monkeypatch):
     import mlx.nn as nn
 
-    import mlxft.training.train as train_module
+    import mlxft.training.setup as setup_module
     from mlxft.models.load import load_base
 
-    def load_quantized(source, quantize, training=True):
+    def load_quantized(source, quantize, training=True, **kwargs):
         # mlxft dequantizes on CPU by design (its quantized matmul is slow); the test forces a 4-bit base.
-        base = load_base(source, quantize, training)
+        base = load_base(source, quantize, training, **kwargs)
         nn.quantize(base.model, group_size=32, bits=4)
         return base
 
-    monkeypatch.setattr(train_module, "load_base", load_quantized)
+    monkeypatch.setattr(setup_module, "load_base", load_quantized)
     res = train(tiny_recipe(tiny_model, tiny_data, iters=6, val_every=6), runs_root=tmp_path, log=quiet)
     assert np.isfinite(res.final_train_loss)
     keys = list(mx.load(str(res.run.root / "adapters" / "adapters.safetensors")))

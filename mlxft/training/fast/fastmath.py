@@ -43,14 +43,12 @@ import numpy as np
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu as stock_swiglu
+from mlx_lm.models.base import scaled_dot_product_attention as stock_sdpa  # the module's own, never patched
+
+from mlxft.models import families
 
 _STOCK_GELU_APPROX = nn.gelu_approx
-
-
-def _stock_sdpa(*args, **kwargs):
-    from mlx_lm.models.base import scaled_dot_product_attention
-
-    return scaled_dot_product_attention(*args, **kwargs)
 
 
 LOG2E = 1.4426950408889634
@@ -61,10 +59,6 @@ _fit = np.linspace(-0.5, 0.5, 20001)
 _COEFFS = [float(c) for c in np.polyfit(_fit, 2.0**_fit, 6)]
 del _fit
 
-# mlx-lm model modules whose MLP is `down(swiglu(gate(x), up(x)))` with activations.swiglu.
-SWIGLU_MODULES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3")
-# mlx-lm model modules whose attention calls base.scaled_dot_product_attention by that name.
-ATTENTION_MODULES = SWIGLU_MODULES + ("gemma3_text",)
 
 
 def fast_exp(x: mx.array) -> mx.array:
@@ -144,7 +138,7 @@ def attention(queries, keys, values, cache, scale, mask, sinks=None):
     tokens); the same math: GQA groups, a "causal" / boolean / additive mask, exact zeros where
     masked. Anything else (attention sinks, quantized caches, fp16/bf16) takes mlx-lm's own."""
     if sinks is not None or hasattr(cache, "bits") or queries.dtype != mx.float32 or _fused_softmax_kernels() is None:
-        return _stock_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return stock_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
     B, H, L, D = queries.shape
     KV, S = keys.shape[1], keys.shape[2]
     q = (queries * scale).reshape(B, KV, H // KV, L, D)  # each key/value head serves H // KV query heads
@@ -158,7 +152,7 @@ def attention(queries, keys, values, cache, scale, mask, sinks=None):
         elif mask.ndim == 4 and mask.shape[1] in (1, H):  # (B, 1 or H, L, S) in the grouped layout
             m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], KV, H // KV, L, S)
         else:
-            return _stock_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+            return stock_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
         if m.dtype == mx.bool_:
             keep = m
         else:
@@ -210,9 +204,7 @@ def _gelu_dispatch(x: mx.array) -> mx.array:
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """mlx-lm's swiglu (silu(gate) * x) on the fast SiLU; other dtypes take mlx-lm's own."""
     if gate.dtype != mx.float32:
-        from mlx_lm.models.activations import swiglu as stock
-
-        return stock(gate, x)
+        return stock_swiglu(gate, x)
     return silu(gate) * x
 
 
@@ -224,7 +216,7 @@ def fast_activations(enabled: bool = True):
         yield
         return
     patched = []
-    for name in dict.fromkeys(SWIGLU_MODULES + ATTENTION_MODULES):
+    for name in dict.fromkeys(families.SWIGLU + families.FUSED_ATTENTION):
         module = sys.modules.get(f"mlx_lm.models.{name}")
         if module is None:
             try:
@@ -232,7 +224,7 @@ def fast_activations(enabled: bool = True):
             except ImportError:
                 continue
         for attr, fast in (("swiglu", swiglu), ("scaled_dot_product_attention", attention)):
-            if hasattr(module, attr) and name in (SWIGLU_MODULES if attr == "swiglu" else ATTENTION_MODULES):
+            if hasattr(module, attr) and name in (families.SWIGLU if attr == "swiglu" else families.FUSED_ATTENTION):
                 patched.append((module, attr, getattr(module, attr)))
                 setattr(module, attr, fast)
     nn.gelu_approx = _gelu_dispatch

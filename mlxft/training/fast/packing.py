@@ -31,16 +31,15 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxft.models import families
+from mlxft.training.fast.prefix import SharedPrefixLoss, shared_hidden
 from mlxft.training.loss import supervised_loss
-from mlxft.training.fast.prefix import SHARED_PREFIX_FAMILIES, SharedPrefixLoss, shared_hidden
-
-PACKING_FAMILIES = SHARED_PREFIX_FAMILIES
 
 
 def supports_packing(model: nn.Module, family: str) -> bool:
     """True where the blocks can be driven one by one with an explicit mask and a swappable rope."""
     inner = getattr(model, "model", None)
-    if family not in PACKING_FAMILIES or inner is None:
+    if family not in families.PACKING or inner is None:
         return False
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")):
         return False

@@ -33,9 +33,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxft.data.encode import pad_rows
+from mlxft.models import families
 from mlxft.training.loss import supervised_loss
-
-SHARED_PREFIX_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 
 # Below this many shared tokens the bookkeeping costs more than it saves.
 MIN_PREFIX = 8
@@ -75,7 +74,7 @@ class _Prefixed:
 
 def supports_shared_prefix(model: nn.Module, family: str) -> bool:
     inner = getattr(model, "model", None)
-    if family not in SHARED_PREFIX_FAMILIES or inner is None:
+    if family not in families.SHARED_PREFIX or inner is None:
         return False
     if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")):
         return False

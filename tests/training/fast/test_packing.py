@@ -85,7 +85,7 @@ def test_token_rope_is_the_same_rope_at_each_position(scaling, traditional):
 
 
 def _shared_setup(model):
-    from mlxft.training.train import lm_head
+    from mlxft.training.loss import lm_head
 
     return SharedPrefixLoss(model, lm_head)
 
@@ -94,7 +94,7 @@ def _shared_setup(model):
 def test_no_attention_across_packed_examples(tiny_model, tiny_data, path):
     """Changing one packed example leaves every other example's logits unchanged; a plain causal
     mask over the same bin would not (the control shows the check catches leakage)."""
-    from mlxft.training.train import lm_head
+    from mlxft.training.loss import lm_head
 
     model, tok = lora_model(tiny_model, 2, seed=0)
     rows = encoded_rows(tok, tiny_data)
@@ -139,7 +139,8 @@ def _per_example_ce(logits_flat, targets_flat, owner):
 
 @pytest.mark.parametrize("capacity", [ONE_BIN, 40])
 def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity):
-    from mlxft.training.train import collate, lm_head
+    from mlxft.training.sft import collate
+    from mlxft.training.loss import lm_head
 
     model, tok = lora_model(tiny_model, 2, seed=0)
     rows = encoded_rows(tok, tiny_data)
@@ -163,7 +164,7 @@ def test_packed_losses_and_grads_equal_unpacked(tiny_model, tiny_data, capacity)
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_packed_shared_prefix_equals_unpacked(tiny_model, tiny_data, num_layers):
-    from mlxft.training.train import lm_head
+    from mlxft.training.loss import lm_head
 
     model, tok = lora_model(tiny_model, num_layers, seed=0)
     rows = encoded_rows(tok, tiny_data)
