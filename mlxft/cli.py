@@ -98,12 +98,12 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from mlxft.recipes import load_recipe  # lazy: CLI start-up
     from mlxft.runs.run import Run
-    from mlxft.training import distributed
+    from mlxft.training import distributed, launch
     from mlxft.training.setup import resume, train as run_training
 
     if hosts or hostfile or launch_args:  # re-run this command on every host, as ranks of one job
-        argv = distributed.rank_argv(sys.argv[sys.argv.index("train"):])
-        sys.exit(distributed.launch(argv, hosts, hostfile, launch_args))
+        argv = launch.rank_argv(sys.argv[sys.argv.index("train"):])
+        sys.exit(launch.launch(argv, hosts, hostfile, launch_args))
     distributed.init()  # a rank of mlx.launch/mpirun joins its group; a plain process is a group of one
     if resume_run:
         if data_dir or model or tier or overrides or runs_dir or method:

@@ -93,7 +93,7 @@ def train_step(s: Session, objective: Objective, p: Progress) -> None:
             items = objective.batches.next(p)
             # With several ranks: this rank's slice of the global batch, weighted by its share.
             mine, weight = dist.shard_batch(items, objective.weights(items))
-            loss, grads, stats = objective.loss_and_grad(s.model, mine)
+            loss, grads, stats = objective.loss_and_grad(s.model, mine, items)
             if weight != 1.0:
                 loss, grads = loss * weight, _tree_scale(grads, weight)
                 stats = {k: v * weight for k, v in stats.items()}

@@ -53,8 +53,9 @@ class Objective:
         """(tokens, supervised tokens) a micro-batch trains on, for throughput figures."""
         raise NotImplementedError
 
-    def loss_and_grad(self, model: nn.Module, items: list) -> tuple[mx.array, dict, dict[str, mx.array]]:
-        """(mean loss, gradients, statistics) of one micro-batch."""
+    def loss_and_grad(self, model: nn.Module, items: list, batch: list) -> tuple[mx.array, dict, dict[str, mx.array]]:
+        """(mean loss, gradients, statistics) of `items`: the micro-batch `batch`, or on one of several
+        data-parallel ranks this rank's slice of it (for a loss whose normalisation spans the batch)."""
         raise NotImplementedError
 
     def validation_sums(self, model: nn.Module, items: list, batch_size: int) -> tuple[dict[str, float], float]:

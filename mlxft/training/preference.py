@@ -64,6 +64,10 @@ class PairBatch:
     ref: mx.array  # (2B,) reference log-probs (NaN when unused)
     n_tokens: int
     n_supervised: int
+    # ORPO's SFT term divides by the chosen answers' tokens of the whole batch; on one of N
+    # data-parallel ranks, by this rank's pair share of the global batch's (so the ranks' losses
+    # average to the one-process loss). None: this batch's own.
+    chosen_tokens: float | None = None
 
 
 def pad_side(rows: list[Encoded]) -> tuple[Padded, np.ndarray]:
@@ -112,7 +116,7 @@ def make_logps(model: nn.Module, family: str) -> Callable:
 
 
 def preference_loss(method: str, cfg: PreferenceConfig, logp: mx.array, lengths: mx.array,
-                    ref: mx.array | None = None) -> tuple[mx.array, dict]:
+                    ref: mx.array | None = None, chosen_tokens: float | None = None) -> tuple[mx.array, dict]:
     """Loss and statistics for a batch whose first half is chosen rows and second half rejected.
 
     `logp`: (2B,) summed log-probs of each answer under the policy; `lengths`: answer
@@ -139,7 +143,7 @@ def preference_loss(method: str, cfg: PreferenceConfig, logp: mx.array, lengths:
         # Mean per-token log-probs, clamped below 0 so log(1 - p) stays finite.
         ac, ar = mx.minimum(pc / lc, -1e-6), mx.minimum(pr / lr, -1e-6)
         log_odds = (ac - ar) - (mx.log(-mx.expm1(ac)) - mx.log(-mx.expm1(ar)))
-        nll = -pc.sum() / lc.sum()  # the SFT loss on the chosen answers, token-weighted as in train.py
+        nll = -pc.sum() / (lc.sum() if chosen_tokens is None else chosen_tokens)  # SFT loss on the chosen answers, token-weighted
         odds_ratio_loss = -nn.log_sigmoid(log_odds).mean()
         loss = nll + cfg.orpo_lambda * odds_ratio_loss
         chosen_reward, rejected_reward = ac, ar
@@ -157,7 +161,7 @@ def make_loss(model: nn.Module, recipe: Recipe) -> Callable:
     method, cfg = recipe.train.method, recipe.preference
 
     def loss_fn(m, b: PairBatch):
-        return preference_loss(method, cfg, logps(m, b), b.lengths, b.ref)
+        return preference_loss(method, cfg, logps(m, b), b.lengths, b.ref, b.chosen_tokens)
 
     return loss_fn
 
@@ -238,8 +242,12 @@ class Preference(Objective):
         return (sum(len(p.chosen.ids) + len(p.rejected.ids) - 2 for p in items),
                 sum(int(p.chosen.mask[1:].sum()) + int(p.rejected.mask[1:].sum()) for p in items))
 
-    def loss_and_grad(self, model, items):
-        (loss, stats), grads = self._value_and_grad(model, collate_pairs(items))
+    def loss_and_grad(self, model, items, batch):
+        pairs = collate_pairs(items)
+        if len(items) != len(batch):  # a data-parallel rank's slice: ORPO's token weighting is global
+            chosen = sum(int(np.maximum(p.chosen.mask[1:].sum(), 1)) for p in batch)
+            pairs.chosen_tokens = chosen * len(items) / len(batch)
+        (loss, stats), grads = self._value_and_grad(model, pairs)
         return loss, grads, stats
 
     def validation_sums(self, model, items, batch_size):

@@ -137,7 +137,7 @@ class SFT(Objective):
     def counts(self, items):
         return sum(len(r.ids) - 1 for r in items), sum(int(r.mask[1:].sum()) for r in items)
 
-    def loss_and_grad(self, model, items):
+    def loss_and_grad(self, model, items, batch):
         loss, grads = self.forward.loss_and_grad(model, items)
         return loss, grads, {}
 

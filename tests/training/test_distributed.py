@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxft.training import distributed as dist
+from mlxft.training import distributed as dist, launch
 from mlxft.training.checkpoint import list_checkpoints
 from tiny_run import wait_for_checkpoint
 from mlxft.errors import ConfigError
@@ -100,17 +100,17 @@ def adapters(run_root: Path) -> dict:
 def test_rank_argv_drops_only_the_launch_options():
     argv = ["train", "r", "--hosts", "a,b", "--set", "x=1", "--hostfile=h.json", "--launch-arg=--verbose",
             "--launch-arg", "-p", "--data", "d"]
-    assert dist.rank_argv(argv) == ["train", "r", "--set", "x=1", "--data", "d"]
+    assert launch.rank_argv(argv) == ["train", "r", "--set", "x=1", "--data", "d"]
 
 
 def test_hostfile_for_hosts_resolves_names_and_keeps_loopback_local():
-    hf = dist.hostfile_for("127.0.0.1,localhost,10.0.0.2")
+    hf = launch.hostfile_for("127.0.0.1,localhost,10.0.0.2")
     assert hf == {"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
                             {"ssh": "10.0.0.2", "ips": ["10.0.0.2"]}]}
     with pytest.raises(ConfigError, match="two or more"):
-        dist.hostfile_for("10.0.0.1")
+        launch.hostfile_for("10.0.0.1")
     with pytest.raises(ConfigError, match="cannot resolve 'no-such-host.invalid'"):
-        dist.hostfile_for("10.0.0.1,no-such-host.invalid")
+        launch.hostfile_for("10.0.0.1,no-such-host.invalid")
 
 
 def test_launcher_exit_code_comes_from_the_ranks_not_from_mlx_launch():
@@ -241,7 +241,7 @@ def test_a_killed_rank_stops_the_other_with_a_message_and_the_run_resumes_identi
 
 
 RNG_SCRIPT = """
-from mlxft.training import distributed as dist
+from mlxft.training import distributed as dist, launch
 import mlx.core as mx
 dist.init()
 mx.random.seed(7)
@@ -268,7 +268,7 @@ def test_ranks_draw_their_own_dropout_but_share_the_key_between_steps(tmp_path):
 
 SAME_START_SCRIPT = """
 import sys
-from mlxft.training import distributed as dist
+from mlxft.training import distributed as dist, launch
 from mlxft.errors import ConfigError
 import mlx.core as mx
 import mlx.nn as nn
@@ -304,7 +304,7 @@ def test_ranks_start_from_rank_0s_weights_and_refuse_different_data(tmp_path):
 
 HANG_SCRIPT = """
 import os, signal, sys, time
-from mlxft.training import distributed as dist
+from mlxft.training import distributed as dist, launch
 dist.init()
 for step in range(10_000):
     if dist.rank() == 1 and step == 20:

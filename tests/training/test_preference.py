@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from mlxft.config import DataConfig, LoraConfig, ModelConfig, PreferenceConfig, Recipe, TrainConfig
 from mlxft.errors import DataError
+from mlxft.recipes import load_recipe
 from mlxft.data.pairs import encode_pairs, split_pair
 from mlxft.training.preference import pair_logps, preference_loss
 from mlxft.training.setup import train
@@ -347,3 +348,49 @@ def test_house_style_data_is_reproducible_clean_and_held_out(tmp_path):
     pattern = re.compile(style["pattern"], re.I)
     for r in rows["train"] + rows["test"]:
         assert pattern.fullmatch(r["chosen"]) and not pattern.fullmatch(r["rejected"])
+
+
+# ---------------------------------------------------------------- data-parallel (the loop owns it)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(tiny_model, pair_data, tmp_path, method):
+    """DPO/ORPO run data-parallel through the same loop as SFT: 2 ranks x 4 pairs on loopback take
+    the step 1 process takes with 8 pairs. DPO's loss is a mean over pairs (each rank's slice weighs
+    its pairs); ORPO's SFT term is token-weighted over the whole batch's chosen answers, which each
+    rank divides by (its pair share of them), so both agree with one process to float rounding:
+    the first step within 1e-5, ten steps within 5e-3 relative (rounding grows, as for SFT)."""
+    import subprocess
+    import sys
+
+    from test_distributed import LAUNCH, env, free_port_pair, only_run
+
+    iters = 10
+    recipe = tmp_path / "tiny-pref.yaml"
+    recipe.write_text(
+        f"name: tiny-pref\nmodel: {{source: '{tiny_model}', family: llama}}\n"
+        "lora: {targets: [self_attn.q_proj, self_attn.v_proj, mlp.down_proj], rank: 4, alpha: 8, num_layers: 2}\n"
+        f"train: {{iters: {iters}, batch_size: 8, max_seq_length: 128, val_every: 5, val_batches: 1, report_every: 1,\n"
+        f"         learning_rate: 1.0e-3, lr_schedule: constant, warmup_steps: 0, method: {method}, save_every: 0}}\n"
+        f"data: {{path: '{pair_data}', system_prompt: '{SYSTEM}'}}\n"
+    )
+    one = train(load_recipe(str(recipe), tier=8), runs_root=tmp_path / "one", **QUIET).run.root
+    runs = tmp_path / "two"
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", f"--starting-port={free_port_pair()}", "--",
+           sys.executable, "-m", "mlxft.cli", "train", str(recipe), "--tier", "8", "--runs-dir", str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    two = only_run(runs)
+    assert json.loads((two / "config.json").read_text())["ranks"] == 2
+    a = [(m["step"], m["train_loss"]) for m in metrics(one) if "train_loss" in m]
+    b = [(m["step"], m["train_loss"]) for m in metrics(two) if "train_loss" in m]
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, iters + 1))
+    assert abs(a[0][1] - b[0][1]) <= 1e-5 * abs(a[0][1]), (a[0], b[0])
+    for (step, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 5e-3 * abs(x), f"step {step}: one rank {x}, two ranks {y}"
+    for key in ("preference_accuracy", "reward_margin"):
+        assert [m[key] for m in metrics(two) if key in m]  # the statistics come through the all-reduce
+    wa = mx.load(str(one / "adapters" / "adapters.safetensors"))
+    wb = mx.load(str(two / "adapters" / "adapters.safetensors"))
+    assert max(mx.abs(wa[k] - wb[k]).max().item() for k in wa) < 5e-3
