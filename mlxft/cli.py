@@ -385,6 +385,20 @@ def runs_compare(run_a, run_b):
     click.echo(compare_runs(run_a, run_b))
 
 
+@main.command()
+@click.option("--runs-dir", default=None, help="Folder of run folders (default: $MLXFT_RUNS or ./runs).")
+@click.option("--port", type=int, default=8321, show_default=True, help="Port on 127.0.0.1 (0 = any free port).")
+@friendly
+def studio(runs_dir, port):
+    """Local web app on 127.0.0.1: start, watch, stop/resume, compare and talk to runs; prints the URL to open."""
+    import os
+    from pathlib import Path
+
+    from mlxft.studio.app import serve
+
+    serve(Path(runs_dir or os.environ.get("MLXFT_RUNS") or "runs"), port, log=click.echo)
+
+
 # ---------------------------------------------------------------- mlxft synth (teacher-to-student data)
 
 
