@@ -170,6 +170,11 @@ if (playground) {
         if (done) break;
         box.textContent += decoder.decode(value, {stream: true});
       }
+      if (box.textContent && !box.textContent.trim()) {
+        box.textContent = JSON.stringify(box.textContent) + "  (whitespace only)";  // visible, as the report shows it
+      } else if (!box.textContent) {
+        box.textContent = "(empty reply: the model ended its turn at once)";
+      }
       box.dataset.state = "done";
     } catch (e) {
       box.textContent = "error: " + e.message;
