@@ -14,7 +14,7 @@ from markupsafe import Markup, escape
 from mlxft.run_summary import PREFERENCE_KEYS, Metrics
 
 WIDTH, HEIGHT = 560, 260
-LEFT, RIGHT, TOP, BOTTOM = 58, 14, 28, 38
+LEFT, RIGHT, TOP, BOTTOM = 66, 14, 28, 38
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728")
 
 
@@ -47,12 +47,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def _fmt(v: float) -> str:
+def _fmt(v: float, step: float) -> str:
+    """A tick label with just enough digits that neighbouring ticks (`step` apart) read differently."""
     if v == 0:
         return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-2:
-        return f"{v:.1e}"
-    return f"{v:.3g}"
+    if step >= 1 and abs(v) < 1e6:
+        return f"{v:.0f}"
+    digits = max(1, math.ceil(math.log10(max(abs(v), step) / step)) + 1)
+    return f"{v:.{digits}g}"
 
 
 def render(chart: Chart) -> Markup:
@@ -81,19 +83,21 @@ def render(chart: Chart) -> Markup:
     def sy(y):
         return TOP + (1 - (y - y0) / (y1 - y0)) * ph
 
-    for t in _ticks(y0, y1):
+    yticks, xticks = _ticks(y0, y1), _ticks(x0, x1)
+    for t in yticks:
+        label = _fmt(t, _step(yticks))
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>'
-                     f'<text x="{LEFT - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
-    for t in _ticks(x0, x1):
-        parts.append(f'<text x="{sx(t):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{_fmt(t)}</text>')
+                     f'<text x="{LEFT - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{label}</text>')
+    for t in xticks:
+        parts.append(f'<text x="{sx(t):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{_fmt(t, _step(xticks))}</text>')
     parts.append(f'<text x="{LEFT + pw / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="axis">step</text>'
-                 f'<text x="14" y="{TOP + ph / 2}" text-anchor="middle" class="axis" '
-                 f'transform="rotate(-90 14 {TOP + ph / 2})">{escape(chart.ylabel)}</text>'
+                 f'<text x="12" y="{TOP + ph / 2}" text-anchor="middle" class="axis" '
+                 f'transform="rotate(-90 12 {TOP + ph / 2})">{escape(chart.ylabel)}</text>'
                  f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" class="frame"/>')
     for step, label in chart.marks:
         if x0 <= step <= x1:
             parts.append(f'<line x1="{sx(step):.1f}" x2="{sx(step):.1f}" y1="{TOP}" y2="{TOP + ph}" class="mark"/>'
-                         f'<text x="{sx(step) + 3:.1f}" y="{TOP + 10}" class="mark-label">{escape(label)}</text>')
+                         f'<text x="{sx(step) + 3:.1f}" y="{TOP + ph - 5}" class="mark-label">{escape(label)}</text>')
     legend_x = LEFT + 8
     for i, s in enumerate(chart.series):
         color = s.color or COLORS[i % len(COLORS)]
@@ -112,14 +116,21 @@ def render(chart: Chart) -> Markup:
     return Markup("".join(parts) + "</svg>")
 
 
+def _step(ticks: list[float]) -> float:
+    return ticks[1] - ticks[0] if len(ticks) > 1 else abs(ticks[0]) or 1.0
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def run_charts(metrics: Metrics) -> list[Chart]:
     """The curves of a run, as `mlxft report` draws them: loss, throughput, memory, LR, preference."""
-    marks = [(e["step"], e["event"]) for e in metrics.events
-             if e.get("event") in ("resumed", "interrupted", "overfitting", "early_stop", "diverged")]
+    at: dict[int, list[str]] = {}  # an interrupt and its resume share a step: one line, both names
+    for e in metrics.events:
+        if e.get("event") in ("resumed", "interrupted", "overfitting", "early_stop", "diverged"):
+            at.setdefault(e["step"], []).append(e["event"])
+    marks = [(step, ", ".join(dict.fromkeys(names))) for step, names in sorted(at.items())]
     loss = Chart("loss", "Loss (train and validation)", "loss", marks=marks)
     loss.series.append(Series("train", *metrics.series("train_loss")))
     if metrics.val:

@@ -69,7 +69,8 @@ def run_live(studio, run: Path) -> dict:
         "charts": [charts.render(c) for c in charts.run_charts(metrics)],
         "launch": launch,
         "alive": alive,
-        "can_stop": alive and launch.kind in ("train", "resume"),
+        "can_stop": alive and launch.kind in ("train", "resume") and summary.status != "finished",
+        "has_adapter": (RunDir(run).best_adapters / "adapters.safetensors").is_file(),
         "can_resume": not alive and summary.status in RESUMABLE,
         "log": studio.launcher.tail(launch) if launch else None,
     }
@@ -86,7 +87,6 @@ def run_page(request: Request) -> HTMLResponse:
     return studio.page(
         "run.html", title=run.name, name=run.name, fragment=run_fragment(studio, run),
         card=run_card(cfg, run), suites=eval_tables(read_eval(RunDir(run))), summary=summarize(run),
-        has_adapter=(RunDir(run).best_adapters / "adapters.safetensors").is_file(),
     )
 
 
