@@ -110,6 +110,7 @@ def test_pages_need_the_launch_url_once_then_a_cookie(studio):
     assert request(port, "GET", "/?token=wrong", cookie=False)[0] == 401
     status, headers, _ = request(port, "GET", "/?token=" + TOKEN, cookie=False)
     assert status == 303 and headers["location"] == "/"
+    assert request(port, "GET", "//evil.example/?token=" + TOKEN, cookie=False)[1]["location"] == "/evil.example/"
     assert f"mlxft_studio_{port}={TOKEN}" in headers["set-cookie"] and "samesite=strict" in headers["set-cookie"].lower()
     assert url == f"http://127.0.0.1:{port}/?token={TOKEN}"
     _, headers, _ = request(port, "GET", "/")
@@ -139,6 +140,7 @@ def test_traversal_and_non_recipe_paths_start_nothing(studio, runs_dir, tmp_path
         ("/api/launch", {"recipe": "smollm2-135m", "tier": 7}, "tier must be one of"),
         ("/api/runs/..%2Ftiny-a/resume", {}, None),
         ("/api/runs/tiny-a/stop", {}, "no training process started by this studio"),
+        ("/api/runs/tiny-b/resume", {}, "tiny-b is finished"),
         ("/api/data/check", {"dataset": "../recipes"}, "invalid dataset name"),
         ("/api/data/check", {"path": "/etc/passwd"}, "not a data file"),
         ("/api/playground/generate", {"runs": ["../tiny-a"], "model": "base"}, "invalid run name"),

@@ -24,7 +24,8 @@ from mlxft.lint import check_path, histogram_counts, recipe_and_tokenizer
 from mlxft.plan import format_plan, gb, plan_recipe
 from mlxft.recipes import list_recipes, load_recipe
 from mlxft.studio import charts
-from mlxft.studio.pages import DATASETS_DIR, run_fragment, runs_fragment, studio_of
+from mlxft.run_summary import status_hint, summarize
+from mlxft.studio.pages import DATASETS_DIR, RESUMABLE, run_fragment, runs_fragment, studio_of
 from mlxft.studio.security import StudioError, check_name
 
 POLL_SECONDS = 0.5  # how often a live page's files are looked at
@@ -109,8 +110,13 @@ async def stop(request: Request) -> JSONResponse:
 
 
 async def resume(request: Request) -> JSONResponse:
+    """`mlxft train --resume RUN` for a run `mlxft runs` calls interrupted or failed-resumable (never a live one)."""
     studio = studio_of(request)
-    started = studio.launcher.resume(studio.run(request.path_params["name"]).resolve())
+    run = studio.run(request.path_params["name"])
+    status = (await run_in_threadpool(summarize, run)).status
+    if status not in RESUMABLE:
+        raise StudioError(f"{run.name} is {status}: {status_hint(status, run) or 'nothing to resume'}", 409)
+    started = studio.launcher.resume(run.resolve())
     return JSONResponse({"launch": started.id, "pid": started.pid, "url": f"/runs/{request.path_params['name']}"})
 
 

@@ -104,7 +104,8 @@ class Guard:
         given = query.get("token")
         if given is not None and secrets.compare_digest(given, self.token):
             rest = [(k, v) for k, v in query.multi_items() if k != "token"]
-            response = RedirectResponse(path + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
+            here = "/" + path.lstrip("/")  # never "//host": a same-site path only
+            response = RedirectResponse(here + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
             response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
             return response
         if not secrets.compare_digest(_cookie(headers.get("cookie", ""), self.cookie), self.token):

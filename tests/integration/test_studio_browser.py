@@ -55,10 +55,9 @@ def studio(tmp_path, tiny_model, tiny_data):
     proc.wait(10)
     for record in (runs / ".studio" / "launches").glob("*.json"):  # never leave a training process behind
         pid = json.loads(record.read_text())["pid"]
-        try:
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"mlxft" in cmdline.read_bytes():  # still ours, not a reused pid
             os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
 
 
 def points(page, chart: str = "loss") -> int:
