@@ -249,6 +249,8 @@ def test_charts_count_their_points_and_say_when_empty():
     assert 'data-points="0"' in empty and "no points yet" in empty
     svg = charts.render(charts.Chart("loss", "Loss <b>", "loss", [charts.Series("train", [1, 2, 3], [3.0, float("nan"), 1.0])]))
     assert 'data-points="2"' in svg and "<polyline" in svg and "Loss &lt;b&gt;" in svg
+    many = charts.render(charts.Chart("loss", "Loss", "loss", [charts.Series("train", list(range(5000)), [1.0] * 5000)]))
+    assert 'data-points="5000"' in many and many.count(" ") < 2 * 5000  # thinned to MAX_DRAWN points drawn
     assert 'data-points="3"' in charts.bars("h", "lengths", [("0-8", 2), ("9-16", 0), (">16 (cut)", 1)])
 
 

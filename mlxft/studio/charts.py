@@ -1,7 +1,8 @@
 """Charts drawn on the server as SVG: no chart library, nothing fetched, testable as text.
 
 A chart is a list of series (label, steps, values) on shared axes; each <svg> says how many
-points it draws (data-points), so a test or a reader can see it grow as a run trains.
+logged points it shows (data-points), so a test or a reader can see it grow as a run trains.
+A long series is thinned to MAX_DRAWN evenly spaced points (the last one always kept).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mlxft.run_summary import PREFERENCE_KEYS, Metrics
 
 WIDTH, HEIGHT = 560, 260
 LEFT, RIGHT, TOP, BOTTOM = 66, 14, 28, 38
+MAX_DRAWN = 1200  # per series: more than the ~500 pixels of a plot can show
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728")
 
 
@@ -101,7 +103,7 @@ def render(chart: Chart) -> Markup:
     legend_x = LEFT + 8
     for i, s in enumerate(chart.series):
         color = s.color or COLORS[i % len(COLORS)]
-        xy = [(sx(x), sy(y)) for x, y in zip(s.xs, s.ys) if _finite(y)]
+        xy = _thin([(sx(x), sy(y)) for x, y in zip(s.xs, s.ys) if _finite(y)])
         if not xy:
             continue
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
@@ -114,6 +116,13 @@ def render(chart: Chart) -> Markup:
                      f'<text x="{legend_x + 14}" y="{TOP + 11}" class="legend">{escape(s.label)}</text>')
         legend_x += 22 + 6.5 * len(s.label)
     return Markup("".join(parts) + "</svg>")
+
+
+def _thin(xy: list) -> list:
+    if len(xy) <= MAX_DRAWN:
+        return xy
+    stride = len(xy) / MAX_DRAWN
+    return [xy[int(i * stride)] for i in range(MAX_DRAWN - 1)] + [xy[-1]]
 
 
 def _step(ticks: list[float]) -> float:
