@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -375,6 +376,17 @@ def runs_compare(run_a, run_b):
     from mlxft.runs.compare import compare_runs  # lazy: CLI start-up
 
     click.echo(compare_runs(run_a, run_b))
+
+
+@main.command()
+@click.option("--runs-dir", default=None, help="Folder of run folders (default: $MLXFT_RUNS or ./runs).")
+@click.option("--port", type=int, default=8321, show_default=True, help="Port on 127.0.0.1 (0 = any free port).")
+@friendly
+def studio(runs_dir, port):
+    """Local web app on 127.0.0.1: start, watch, stop/resume, compare and talk to runs; prints the URL to open."""
+    from mlxft.studio.app import serve  # lazy: CLI start-up
+
+    serve(Path(runs_dir or os.environ.get("MLXFT_RUNS") or "runs"), port, log=click.echo)
 
 
 # ---------------------------------------------------------------- mlxft synth (teacher-to-student data)

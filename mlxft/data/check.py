@@ -449,7 +449,8 @@ def summary_table(report: Report) -> list[str]:
     return lines + ["", verdict]
 
 
-def histogram(lengths: list[int], max_len: int | None, bins: int = 8, width: int = 40) -> list[str]:
+def histogram_counts(lengths: list[int], max_len: int | None, bins: int = 8) -> list[tuple[str, int]]:
+    """(range label, rows) per bin of token lengths up to max_len, then rows over it ("cut" by truncation)."""
     top = max_len or max(lengths)
     edges = [round(top * i / bins) for i in range(bins + 1)]
     counts = np.histogram(np.minimum(lengths, top), bins=edges)[0].tolist()
@@ -457,8 +458,13 @@ def histogram(lengths: list[int], max_len: int | None, bins: int = 8, width: int
     labels = [f"{edges[i] + (i > 0)}-{edges[i + 1]}" for i in range(bins)] + [f">{top} (cut)"]
     counts[-1] -= over  # rows over the limit were clipped into the last bin; show them apart
     counts.append(over)
-    peak = max(counts) or 1
-    return [f"  {lab:>14} {n:>8} {'#' * round(width * n / peak)}" for lab, n in zip(labels, counts)]
+    return list(zip(labels, counts))
+
+
+def histogram(lengths: list[int], max_len: int | None, bins: int = 8, width: int = 40) -> list[str]:
+    rows = histogram_counts(lengths, max_len, bins)
+    peak = max(n for _, n in rows) or 1
+    return [f"  {lab:>14} {n:>8} {'#' * round(width * n / peak)}" for lab, n in rows]
 
 
 def recipe_and_tokenizer(recipe_name: str, model: str | None = None, overrides=()):

@@ -51,32 +51,44 @@ def describe(sampling: Sampling) -> str:
     return ", ".join(parts) + ", renormalised"
 
 
-def show_probs(loaded: Loaded, prompt: str, system: str | None, sampling: Sampling, k: int, out=None) -> str:
-    """Generate like `generate`, printing each step's top-k tokens before/after sampling settings."""
-    out = out or sys.stdout  # looked up per call so that redirected/captured stdout is honoured
+def next_token_steps(model, tokenizer, ids: list[int], sampling: Sampling, k: int):
+    """Generate from prompt `ids`, yielding each step's top-k next tokens before/after the sampling settings.
+
+    Each step is {"step", "token", "text", "top": [{"id", "text", "raw", "used"}]}; the drawn
+    token is listed in "top" even when it is not among the k most likely. `mlxft generate
+    --show-probs` prints these; the studio's playground shows them as a table.
+    """
 
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    tok = loaded.tokenizer
-    ids = prompt_ids(tok, [{"role": "user", "content": prompt}], system)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
-    out.write(f"p(raw) = softmax(logits); p(used) = after {describe(sampling)}\n")
-    generated: list[int] = []
-    for step, (token, logprobs) in enumerate(generate_step(mx.array(ids), loaded.model, max_tokens=sampling.max_tokens,
+    for step, (token, logprobs) in enumerate(generate_step(mx.array(ids), model, max_tokens=sampling.max_tokens,
                                                            sampler=sampler), 1):
         token = int(token)
         raw = mx.exp(logprobs.reshape(-1).astype(mx.float32))
         used = processed_probs(logprobs, sampling.temp, sampling.top_p, sampling.top_k, sampling.min_p)
         top = mx.argsort(-raw)[:k].tolist()
-        out.write(f"step {step}\n   {'id':>6} {'token':<16} {'p(raw)':>8} {'p(used)':>8}\n")
-        for t in top:
-            mark = "  <- sampled" if t == token else ""
-            out.write(f"   {t:>6} {tok.decode([t])!r:<16} {raw[t].item():8.4f} {used[t].item():8.4f}{mark}\n")
-        if token not in top:
-            out.write(f"   {token:>6} {tok.decode([token])!r:<16} {raw[token].item():8.4f} {used[token].item():8.4f}  <- sampled\n")
-        if token in tok.eos_token_ids:
+        shown = top + ([token] if token not in top else [])
+        yield {"step": step, "token": token, "text": tokenizer.decode([token]), "eos": token in tokenizer.eos_token_ids,
+               "top": [{"id": t, "text": tokenizer.decode([t]), "raw": raw[t].item(), "used": used[t].item()}
+                       for t in shown]}
+
+
+def show_probs(loaded: Loaded, prompt: str, system: str | None, sampling: Sampling, k: int, out=None) -> str:
+    """Generate like `generate`, printing each step's top-k tokens before/after sampling settings."""
+    out = out or sys.stdout  # looked up per call so that redirected/captured stdout is honoured
+    tok = loaded.tokenizer
+    ids = prompt_ids(tok, [{"role": "user", "content": prompt}], system)
+    out.write(f"p(raw) = softmax(logits); p(used) = after {describe(sampling)}\n")
+    generated: list[int] = []
+    for s in next_token_steps(loaded.model, tok, ids, sampling, k):
+        out.write(f"step {s['step']}\n   {'id':>6} {'token':<16} {'p(raw)':>8} {'p(used)':>8}\n")
+        for t in s["top"]:
+            mark = "  <- sampled" if t["id"] == s["token"] else ""
+            out.write(f"   {t['id']:>6} {t['text']!r:<16} {t['raw']:8.4f} {t['used']:8.4f}{mark}\n")
+        if s["eos"]:
             break
-        generated.append(token)
+        generated.append(s["token"])
     text = tok.decode(generated)
     out.write(f"answer: {text}\n")
     return text

@@ -59,11 +59,9 @@ def compare_runs(path_a: str | Path, path_b: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _eval_side_by_side(ea: dict | None, eb: dict | None) -> str:
-    if not ea and not eb:
-        return "  neither run has eval.json (run: mlxft eval RUN)"
-    rows = [["suite", "scorer", "A", "B", "B - A"]]
-
+def eval_deltas(ea: dict | None, eb: dict | None) -> list[dict]:
+    """Every (suite, scorer) of either run's eval.json: A's and B's scorer entries (None where a run lacks
+    it), the unit, and B's adapter score minus A's (None unless both have one)."""
     def scores(ev):
         out = {}
         for suite, body in ((ev or {}).get("suites") or {}).items():
@@ -72,21 +70,32 @@ def _eval_side_by_side(ea: dict | None, eb: dict | None) -> str:
         return out
 
     sa, sb = scores(ea), scores(eb)
+    rows = []
     for key in list(sa) + [k for k in sb if k not in sa]:
         x, y = sa.get(key), sb.get(key)
-        unit = (x or y).get("unit")
-
-        def cell(s):
-            if not s:
-                return "-"
-            gate = "" if not s.get("gate") else (" pass" if s["gate"].get("passed") else " FAIL")
-            return f"{fmt_score(s['values'].get('adapter'), unit)} [{fmt_score(s['values'].get('base'), unit)}]{gate}"
-
-        diff = "-"
+        delta = None
         if x and y and x["values"].get("adapter") is not None and y["values"].get("adapter") is not None:
-            diff = fmt_delta(y["values"]["adapter"] - x["values"]["adapter"], unit)
-        rows.append([key[0], key[1], cell(x), cell(y), diff])
+            delta = y["values"]["adapter"] - x["values"]["adapter"]
+        rows.append({"suite": key[0], "scorer": key[1], "unit": (x or y).get("unit"), "a": x, "b": y, "delta": delta})
+    return rows
+
+
+def _eval_side_by_side(ea: dict | None, eb: dict | None) -> str:
+    if not ea and not eb:
+        return "  neither run has eval.json (run: mlxft eval RUN)"
+    rows = [["suite", "scorer", "A", "B", "B - A"]]
+    for d in eval_deltas(ea, eb):
+        rows.append([d["suite"], d["scorer"], score_cell(d["a"], d["unit"]), score_cell(d["b"], d["unit"]),
+                     fmt_delta(d["delta"], d["unit"])])
     return columns(rows)
+
+
+def score_cell(s: dict | None, unit: str | None) -> str:
+    """One run's scorer entry as "adapter [base] pass|FAIL"."""
+    if not s:
+        return "-"
+    gate = "" if not s.get("gate") else (" pass" if s["gate"].get("passed") else " FAIL")
+    return f"{fmt_score(s['values'].get('adapter'), unit)} [{fmt_score(s['values'].get('base'), unit)}]{gate}"
 
 
 def _short(v, width: int = 60) -> str:
