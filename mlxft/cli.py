@@ -84,8 +84,10 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
               help="After training, score base vs adapter on the recipe's eval suites; exit 1 when a gate fails.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN",
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
-@click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
-              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs.")
+@click.option("--method", type=click.Choice(["sft", "dpo", "orpo", "grpo"]), default=None,
+              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs, grpo prompts.")
+@click.option("--reward", "reward_functions", multiple=True, metavar="FILE.py:FN[:W]",
+              help="GRPO: add a reward function fn(completion, example) -> float (repeatable).")
 @click.option("--hosts", default=None, metavar="H1,H2",
               help="Data-parallel over these hosts (IPs or ssh names; 127.0.0.1,127.0.0.1 = two local ranks) via mlx.launch.")
 @click.option("--hostfile", default=None, metavar="JSON", help="Data-parallel over mlx.launch's JSON hostfile.")
@@ -94,8 +96,8 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--auto-fit", is_flag=True,
               help="When the memory plan does not fit the tier, shrink the batch / checkpoint / quantize until it does.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args,
-          auto_fit):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, reward_functions, hosts,
+          hostfile, launch_args, auto_fit):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from mlxft.recipes import load_recipe  # lazy: CLI start-up
     from mlxft.runs.run import Run
@@ -107,9 +109,9 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         sys.exit(launch.launch(argv, hosts, hostfile, launch_args))
     distributed.init()  # a rank of mlx.launch/mpirun joins its group; a plain process is a group of one
     if resume_run:
-        if data_dir or model or tier or overrides or runs_dir or method:
+        if data_dir or model or tier or overrides or runs_dir or method or reward_functions:
             raise click.UsageError(
-                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method")
+                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method/--reward")
         result = resume(resume_run)
     else:
         if model:
@@ -117,11 +119,12 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         if method:
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
+        r.grpo.reward_functions = [*r.grpo.reward_functions, *reward_functions]
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None, auto_fit=auto_fit)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
     trained = Run.open(result.run.root) if compare else None
-    if compare and trained.method != "sft" and not trained.recipe.eval.suites:
+    if compare and trained.method in ("dpo", "orpo") and not trained.recipe.eval.suites:
         # lazy: CLI start-up (no suites named: log-prob preference on the test pairs)
         from mlxft.evaluation.pairs import compare_pairs, format_pairs
 

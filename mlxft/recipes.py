@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import yaml
 
-from mlxft.config import DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, Recipe, TierConfig, TRAIN_METHODS
+from mlxft.config import (
+    DPO_LOSSES, FINE_TUNE_TYPES, GRPO_LOSSES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
+)
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
@@ -58,6 +60,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preference.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "preference.loss": (lambda v: v in DPO_LOSSES, f"one of {', '.join(DPO_LOSSES)}"),
     "preference.orpo_lambda": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.num_generations": (lambda v: v >= 2, "an int >= 2 (a group needs two completions to compare)"),
+    "grpo.max_completion_length": (lambda v: v > 0, "a positive int"),
+    "grpo.temperature": (lambda v: v > 0, "a positive number (sampling; 0 would make every completion equal)"),
+    "grpo.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "grpo.beta": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.epsilon": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "grpo.loss": (lambda v: v in GRPO_LOSSES, f"one of {', '.join(GRPO_LOSSES)}"),
 }
 
 # PyYAML (YAML 1.1) reads `2e-4` as a string; only `2.0e-4` is a float. Accept both.

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlxft.errors import DataError
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completions", "text", "preference")
+FORMATS = ("chat", "sharegpt", "alpaca", "completions", "text", "preference", "prompts")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
 # Folder file stems that name a split; anything else in a folder is one pool of rows.
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
@@ -33,12 +33,13 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # one row this long is a broken export, not a 
 # Keys a row may carry besides its format's own (ignored, not warned about).
 _NEUTRAL_KEYS = {"id", "source", "metadata"}
 _KEYS = {
-    "chat": ({"messages"}, {"tools", "rejected"}),
+    "chat": ({"messages"}, {"tools", "rejected", "reference"}),
     "sharegpt": ({"conversations"}, {"system", "tools"}),
     "alpaca": ({"instruction", "output"}, {"input", "system"}),
     "completions": ({"prompt", "completion"}, {"system"}),
     "text": ({"text"}, set()),
     "preference": ({"chosen", "rejected"}, {"prompt", "messages", "system"}),
+    "prompts": ({"prompt"}, {"reference", "system"}),  # GRPO: a prompt, and optionally what a reward compares with
 }
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool"}
@@ -280,7 +281,7 @@ def detect_row(obj) -> str | None:
     """The format a row's keys say it is in, or None."""
     if not isinstance(obj, dict):
         return None
-    for fmt in ("preference", "chat", "sharegpt", "alpaca", "completions", "text"):
+    for fmt in ("preference", "chat", "sharegpt", "alpaca", "completions", "text", "prompts"):
         if _KEYS[fmt][0] <= obj.keys():
             return fmt
     return None
@@ -369,6 +370,8 @@ def _chat(obj: dict) -> dict:
         row["tools"] = obj["tools"]
     if obj.get("rejected") is not None:
         row["rejected"] = obj["rejected"]
+    if obj.get("reference") is not None:
+        row["reference"] = _text(obj["reference"], "reference")
     return row
 
 
@@ -413,6 +416,16 @@ def _completions(obj: dict) -> dict:
     return {"messages": _with_system(obj, msgs)}
 
 
+def _prompts(obj: dict) -> dict:
+    """A prompt-only row (GRPO): the user turn, with the reference a reward may compare with."""
+    prompt = obj["prompt"]
+    messages = _messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(prompt, "prompt")}]
+    row = {"messages": _with_system(obj, messages)}
+    if obj.get("reference") is not None:
+        row["reference"] = _text(obj["reference"], "reference")
+    return row
+
+
 def _plain(obj: dict) -> dict:
     return {"text": _text(obj["text"], "text")}
 
@@ -443,4 +456,4 @@ def _answer(value, what: str, prompt: list[dict]) -> list[dict]:
 
 
 _NORMALISERS = {"chat": _chat, "sharegpt": _sharegpt, "alpaca": _alpaca, "completions": _completions,
-                "text": _plain, "preference": _preference}
+                "text": _plain, "preference": _preference, "prompts": _prompts}

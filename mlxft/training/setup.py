@@ -46,12 +46,13 @@ from mlxft.training.fast.paths import speed_paths
 from mlxft.training.loop import TrainResult, fit
 from mlxft.training.objective import Objective, Session
 from mlxft.training.plan import check_fits
+from mlxft.training.grpo import GRPO
 from mlxft.training.preference import Preference
 from mlxft.training.progress import Progress
 from mlxft.training.sft import SFT
 
 # train.method -> the objective that trains it (each has `from_data(recipe, data)`).
-OBJECTIVES: dict[str, type] = {"sft": SFT, "dpo": Preference, "orpo": Preference}
+OBJECTIVES: dict[str, type] = {"sft": SFT, "dpo": Preference, "orpo": Preference, "grpo": GRPO}
 
 
 def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print,
