@@ -21,6 +21,8 @@ from mlxft.runs.run import RunDir, read_json_object
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 PREFERENCE_KEYS = ("reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp")
+# What a GRPO run logs per step besides the loss (mlxft/training/grpo.py); plus "reward/<name>" per reward.
+REWARD_KEYS = ("reward", "reward_std", "kl", "completion_length", "clip_fraction", "no_signal")
 # Validation loss must end this much (relative) above its minimum before we call it overfitting:
 # below that, the rise is validation noise on a few batches.
 OVERFIT_TOLERANCE = 0.02
@@ -70,7 +72,7 @@ def read_metrics(run: RunDir) -> Metrics:
             out.events.append(rec)
         elif "val_loss" in rec:
             out.val.append(rec)
-        elif "train_loss" in rec or any(k in rec for k in PREFERENCE_KEYS):
+        elif "train_loss" in rec or any(k in rec for k in PREFERENCE_KEYS + REWARD_KEYS):
             out.train.append(rec)
     for lst in (out.train, out.val, out.events):
         lst.sort(key=lambda m: m["step"])

@@ -133,3 +133,28 @@ def test_unseen_format_prepared_checked_and_trained(tmp_path, tiny_model):
             "--set", "train.iters=2", "--set", "train.batch_size=2", "--set", "lora.num_layers=1",
             "--set", "train.val_every=2", "--set", "train.val_batches=1")
     assert r.exit_code == 0, r.output
+
+
+def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
+    """GRPO learns from prompts: {"prompt", "reference"} rows and chat rows ending with a user turn are
+    data for a grpo recipe (prepare keeps them, data check passes them), an error for an SFT one."""
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "system": "Be brief."} for i in range(20)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(src)
+    assert ds.formats[str(src)] == "prompts" and not ds.problems
+    first = ds.splits["data"][0].row
+    assert first == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "question 0"}],
+                     "reference": "answer 0"}
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(f"name: g\nmodel: {{source: '{tiny_model}', family: llama}}\ntrain: {{method: grpo}}\n"
+                    "grpo: {rewards: [exact_match]}\nlora: {targets: [self_attn.q_proj], num_layers: 2}\n")
+    ok = CliRunner().invoke(main, ["data", "check", str(src), "--recipe", str(grpo)])
+    assert ok.exit_code == 0, ok.output
+    sft = CliRunner().invoke(main, ["data", "check", str(src), "--model", str(tiny_model)])
+    assert sft.exit_code == 1 and "prompts.jsonl:1: error: conversation has no assistant turn" in sft.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": 7}) + "\n" + json.dumps({"prompt": "fine"}) + "\n")
+    out = CliRunner().invoke(main, ["data", "check", str(bad), "--recipe", str(grpo)])
+    assert out.exit_code == 1 and "bad.jsonl:1: error: prompt must be a string" in out.output
+    assert "Traceback" not in out.output

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +171,10 @@ def test_a_tiny_model_raises_a_toy_reward(tiny_model, prompt_data, tmp_path):
     assert cfg["recipe"]["train"]["method"] == "grpo" and cfg["grpo"]["rewards_used"][0]["weight"] == 1.0
     val = [m for m in metrics(res.run.root) if "val_loss" in m]
     assert val and val[-1]["val_loss"] == pytest.approx(-val[-1]["val_reward"])  # best = highest validation reward
+    from mlxft.runs.report import write_report
+
+    html = Path(write_report(res.run.root)).read_text()
+    assert "GRPO: rewards and KL" in html and html.count("data:image/png;base64,") >= 5
 
 
 def test_a_reward_that_raises_is_contained_and_counted(tiny_model, prompt_data, tmp_path):
