@@ -80,6 +80,7 @@ def check_path(path, recipe=None, tokenizer=None, fmt: str | None = None,
         check_rows(rows, report)
         report.stats[split] = {"rows": len(rows)}
     check_duplicates(ds, report)
+    check_usable(ds, report)
     check_system_prompts(ds, report, system)
     if tokenizer is not None:
         report.max_seq_length = recipe.train.max_seq_length if recipe is not None else None
@@ -102,6 +103,14 @@ def check_rows(rows: list[Example], report: Report) -> None:
             report.problems.append(Problem("error", ex.where, msg, "structure"))
             report.dropped.setdefault(ex.where, msg)
         report.problems += [Problem("warning", ex.where, msg, "structure") for msg in warnings]
+
+
+def check_usable(ds: Dataset, report: Report) -> None:
+    """Rows were read, but every one has an error: there is nothing to train on (never "OK to train")."""
+    rows = [ex for split in ds.splits.values() for ex in split]
+    if rows and all(ex.where in report.dropped for ex in rows):
+        report.problems.append(Problem("error", report.path, f"no usable rows: each of the {len(rows)} rows has "
+                                       "an error (listed above)", "no-rows"))
 
 
 def validate_row(row: dict) -> tuple[list[str], list[str]]:

@@ -68,12 +68,21 @@ CORPUS = {
     "alpaca_output_list.jsonl": (lines({"instruction": "q", "output": ["a", "b"]}), "must be a string"),
     "preference_bad_chosen.jsonl": (lines({"prompt": "q", "chosen": 5, "rejected": "no"}), "chosen must be a string"),
     "text_empty.jsonl": (lines({"text": ""}, {"text": "   "}), "empty text"),
+    # files that hold no usable row at all: an error, never "OK to train" on 0 rows
+    "header_only.csv": (b"prompt,completion\n", "only a header line (columns: prompt, completion)"),
+    "header_only.tsv": (b"instruction\toutput\r\n\r\n", "only a header line (columns: instruction, output)"),
+    "empty_array.json": (b"[ ]\n", "the JSON array is empty"),
+    "null_rows.jsonl": (b"null\nnull\n", "got a JSON null"),
+    "csv_no_known_format.csv": (b"question,answer\nq,a\n", "columns found (answer, question) match no known format"),
+    "whitespace_only.jsonl": (b"  \n\t\n\r\n", "file is empty"),
 }
 
 FOLDERS = {
     "no_splits": ({"README.md": b"# notes\n", "notes.txt": b"nothing here\n"}, "no data files"),
     "leakage": ({"train.jsonl": lines(GOOD, GOOD2), "valid.jsonl": lines(GOOD2.replace("4", "4 "))}, "leakage"),
     "empty_train": ({"train.jsonl": b"", "valid.jsonl": lines(GOOD)}, "file is empty"),
+    "all_rows_bad": ({"train.jsonl": lines(msgs(("user", "q"))), "valid.jsonl": lines({"messages": []})},
+                     "no usable rows: each of the 2 rows has an error"),
 }
 
 
