@@ -41,7 +41,8 @@ from mlx.utils import tree_flatten
 
 from mlxft import train as sft
 from mlxft.checkpoint import (
-    Progress, latest_checkpoint, load_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
+    Progress, describe_skipped, load_checkpoint, newest_complete_checkpoint, read_progress,
+    save_adapters, save_checkpoint, truncate_metrics,
 )
 from mlxft.config import PreferenceConfig, Recipe
 from mlxft.data import Encoded, Rendered, encode_rendered, pad_rows, render_row
@@ -363,10 +364,13 @@ def train_preference(recipe: Recipe, data_dir: str | Path | None = None, runs_ro
 def resume_preference(run_path: str | Path, log=print) -> sft.TrainResult:
     """Continue a DPO/ORPO run from its newest checkpoint, with the recipe and data in its config.json."""
     run = RunDir.open(run_path)
-    ckpt = latest_checkpoint(run)
+    ckpt, skipped = newest_complete_checkpoint(run)  # a damaged newest one: the one before it
     if ckpt is None:
-        raise MlxftError(f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing); "
-                         "checkpoints are written every train.save_every steps")
+        raise MlxftError(f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing"
+                         + "".join(f"; {p.name} is damaged: {why}" for p, why in skipped)
+                         + "); checkpoints are written every train.save_every steps")
+    for note in describe_skipped(skipped, ckpt):
+        log(note)
     done = read_progress(ckpt)
     if done.stop_reason:
         raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")

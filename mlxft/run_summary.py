@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxft.errors import MlxftError
+from mlxft.run_format import check_run_config
 from mlxft.runs import RunDir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -98,7 +99,9 @@ def _json_object(path: Path) -> dict:
 
 
 def read_config(run: RunDir) -> dict:
-    return _json_object(run.config)
+    config = _json_object(run.config)
+    check_run_config(config, run.config)  # another mlxft's newer run format: refused, naming both versions
+    return config
 
 
 def read_eval(run: RunDir) -> dict | None:

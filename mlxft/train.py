@@ -36,7 +36,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from mlxft.checkpoint import (
-    Progress, latest_checkpoint, read_progress, save_adapters, save_checkpoint, truncate_metrics,
+    Progress, describe_skipped, latest_checkpoint, newest_complete_checkpoint, read_progress, save_adapters,
+    save_checkpoint, truncate_metrics,
 )
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
@@ -482,7 +483,9 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
 
 def resume(run_path: str | Path, log=print) -> TrainResult:
     """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
-    root, ckpt, config = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
+    root, ckpt, config, notes = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
+    for note in notes:  # a damaged newest checkpoint: resume falls back to the one before it
+        log(note)
     if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
         from mlxft.preference import resume_preference
 
@@ -511,17 +514,18 @@ def _open_resumable(run_path: str) -> list:
     run = RunDir.open(run_path)
     config = run.read_config()
     if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
-        return [str(run.root), None, config]
-    ckpt = latest_checkpoint(run)
+        return [str(run.root), None, config, []]
+    ckpt, skipped = newest_complete_checkpoint(run)
     if ckpt is None:
         raise MlxftError(
-            f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing); "
-            "checkpoints are written every train.save_every steps"
+            f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing"
+            + "".join(f"; {p.name} is damaged: {why}" for p, why in skipped)
+            + "); checkpoints are written every train.save_every steps"
         )
     done = read_progress(ckpt)
     if done.stop_reason:
         raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")
-    return [str(run.root), str(ckpt), config]
+    return [str(run.root), str(ckpt), config, describe_skipped(skipped, ckpt)]
 
 
 def _check_same_data(data_dir: Path, recorded: dict) -> None:
