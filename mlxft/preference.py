@@ -49,6 +49,7 @@ from mlxft.data import Encoded, Rendered, encode_rendered, pad_rows, render_row
 from mlxft.fastmath import fast_activations
 from mlxft.errors import DataError, MlxftError
 from mlxft.models import BaseModel, load_base
+from mlxft.run_format import check_resumable
 from mlxft.runs import RunDir
 
 PREFERENCE_METHODS = ("dpo", "orpo")
@@ -375,6 +376,7 @@ def resume_preference(run_path: str | Path, log=print) -> sft.TrainResult:
     if done.stop_reason:
         raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")
     config = run.read_config()
+    check_resumable(config, run.config)
     recipe = sft.recipe_from_dict(config["recipe"])
     data_dir = Path(config["data"]["path"])
     sft._check_same_data(data_dir, config["data"]["sha256"])

@@ -17,6 +17,7 @@ import mlxft
 from mlxft.errors import MlxftError
 
 RUN_FORMAT = 1  # this mlxft writes and reads format 1 (and every older one: there is none yet)
+_RECIPE_SECTIONS = ("model", "lora", "train", "data", "eval", "preference", "tiers")
 
 
 class RunFormatError(MlxftError):
@@ -65,6 +66,25 @@ def check_run_config(config, path: Path) -> None:
     if not isinstance(config.get("recipe"), dict):
         raise RunFormatError(f"{path} has no recipe section: not a run this mlxft {ours} can read "
                              f"(written by mlxft {theirs})")
+    wrong = [f"recipe.{k}" for k in _RECIPE_SECTIONS if not isinstance(config["recipe"].get(k, {}), dict)]
+    wrong += [k for k in ("data", "base_model", "versions") if not isinstance(config.get(k, {}), dict)]
+    wrong += [k for k in ("chat_template", "system_prompt") if not isinstance(config.get(k, ""), (str, type(None)))]
+    tiers = config["recipe"].get("tiers", {})
+    if isinstance(tiers, dict) and not all(str(k).isdigit() and isinstance(v, dict) for k, v in tiers.items()):
+        wrong.append("recipe.tiers")
+    if wrong:
+        raise RunFormatError(f"{path}: {', '.join(wrong)} not as mlxft {ours} writes them (written by mlxft "
+                             f"{theirs}): the run folder is damaged or from an incompatible version")
+
+
+def check_resumable(config: dict, path: Path) -> None:
+    """What `train --resume` reads besides the recipe: the data folder and its recorded hashes."""
+    data = config.get("data") or {}
+    digests = data.get("sha256")
+    if not isinstance(data.get("path"), str) or not isinstance(digests, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+        raise RunFormatError(f"{path}: data.path and data.sha256 (the data the run trained on) are missing or "
+                             f"malformed, so it cannot be resumed (written by mlxft {written_by(config)})")
 
 
 def version_note(config: dict) -> str | None:

@@ -208,7 +208,8 @@ def parse_job(body, chat: bool, engine: Engine) -> tuple[Job, bool]:
         raise RequestError(400, "only n=1 is supported")
     limits = engine.limits
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens_cap, int)
+    default = min(limits.default_max_tokens, limits.max_tokens_cap)  # a cap below the default lowers it
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default, 1, limits.max_tokens_cap, int)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false")
@@ -231,6 +232,7 @@ def parse_job(body, chat: bool, engine: Engine) -> tuple[Job, bool]:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "mlxft"
+    default_request_version = "HTTP/1.0"  # a request line without a version still gets a status line back
     engine: Engine  # set on the subclass built by make_server
     api_key: str | None = None  # when set, every request must carry Authorization: Bearer <key>
     log_requests = False
@@ -278,10 +280,18 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.engine.limits.max_body_bytes:
             self._drain_body()
             raise RequestError(413, f"request body of {length} bytes exceeds the {self.engine.limits.max_body_bytes}-byte limit")
+        if length < 0:
+            raise RequestError(400, f"bad Content-Length header ({length})")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(data)} of the {length} bytes its Content-Length announced")
         try:
-            return json.loads(self.rfile.read(length) or b"null")
+            return json.loads(data or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is JSON nested too deeply") from None
 
     def _dispatch(self, fn):
         try:
@@ -293,6 +303,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except TimeoutError:  # the socket timeout: a client too slow to send its request or read the answer
             self.close_connection = True
+            try:
+                self._error(RequestError(408, f"no complete request within {self.timeout:g} s", "timeout_error"))
+            except OSError:
+                pass
         except Exception as e:  # a bug must cost one request, never the server
             self._error(RequestError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 

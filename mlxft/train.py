@@ -42,6 +42,7 @@ from mlxft.checkpoint import (
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
 from mlxft.data import Encoded, encode_rows, load_splits, pad_rows
+from mlxft.run_format import check_resumable
 from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
@@ -513,6 +514,7 @@ def _open_resumable(run_path: str) -> list:
     """[run folder, newest checkpoint, config.json] of a run that can be resumed (a non-SFT run: no checkpoint check)."""
     run = RunDir.open(run_path)
     config = run.read_config()
+    check_resumable(config, run.config)
     if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
         return [str(run.root), None, config, []]
     ckpt, skipped = newest_complete_checkpoint(run)
