@@ -1,6 +1,6 @@
 """Hostile input at every entry point, counted: the hand-written cases plus a long fuzz run per target.
 
-    .venv/bin/python bench/fuzz_bench.py [--examples 400] [--seed 0] [--only data,gguf]
+    .venv/bin/python bench/fuzz_bench.py [--examples 1000] [--seed 0] [--only data,gguf]
 
 The targets are the test suite's (tests/fuzz_targets*.py: data files, synth seeds, recipe YAML and
 --set, eval suite YAML, run folders, the server's request bodies and raw HTTP requests, GGUF
@@ -57,7 +57,7 @@ def fuzz(target, examples: int, seed: int, tally: Tally) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=400, help="fuzzed cases per entry point")
+    parser.add_argument("--examples", type=int, default=1000, help="fuzzed cases per entry point")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     parser.add_argument("--only", default="", help="comma-separated target names (default: all)")
     parser.add_argument("--out", default=str(HERE / "fuzz_results.json"))

@@ -525,7 +525,13 @@ def _build_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     kind = metadata.get("tokenizer.ggml.model")
     if kind not in TOKENIZERS:
         raise ModelError(f"{path}: tokenizer model {kind!r} is not supported; supported: {sorted(TOKENIZERS)}")
-    return TOKENIZERS[kind](metadata, path)
+    try:
+        return TOKENIZERS[kind](metadata, path)
+    except ModelError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception for a vocabulary it cannot build
+        raise ModelError(f"{path}: the GGUF's {kind} vocabulary does not make a tokenizer ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
 
 
 def _build_bpe_tokenizer(metadata: dict, path: Path) -> Tokenizer:

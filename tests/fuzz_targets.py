@@ -267,6 +267,12 @@ scorer_specs = st.fixed_dictionaries(
               "labels": json_values(max_leaves=4), "pattern": st.sampled_from(["(", "a+", "[", "x"]) | st.text(max_size=8),
               "schema": json_values(["type", "properties", "required", "$ref"], 6), "data": json_values(max_leaves=1)})
 suite_docs = st.one_of(
+    st.fixed_dictionaries({"data": st.just("good.jsonl"), "scorers": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(sorted(SCORERS))}, optional={"name": st.text(max_size=6), "gate": json_values(
+            ["min", "max", "min_delta", "max_drop_points", "max_rise_pct"], 2)}), min_size=1, max_size=2)},
+                          optional={"limit": st.integers(-1, 3), "generation": st.fixed_dictionaries(
+                              {}, optional={"max_tokens": st.integers(-1, 9), "batch_size": st.integers(0, 4)})})
+    .map(lambda d: yaml.safe_dump(d)),  # near a valid suite
     st.fixed_dictionaries({}, optional={
         "data": st.sampled_from(["good.jsonl", "fuzz.jsonl", "missing.jsonl", "/etc/passwd", ".."]) | json_values(max_leaves=2),
         "limit": json_values(max_leaves=1),
@@ -286,7 +292,8 @@ def run_suite(case) -> Outcome:
 
     text, fuzz_data = case
     with workdir() as tmp:
-        (tmp / "good.jsonl").write_bytes(_jsonl([GOOD_ROW, {"messages": GOOD_ROW["messages"][:1]}]))
+        second = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+        (tmp / "good.jsonl").write_bytes(_jsonl([GOOD_ROW, second]))
         (tmp / "fuzz.jsonl").write_bytes(fuzz_data)
         path = tmp / "suite.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
