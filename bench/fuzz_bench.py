@@ -34,12 +34,14 @@ from fuzz_harness import Tally  # noqa: E402
 
 def all_targets() -> dict[str, object]:
     import fuzz_targets
+    import fuzz_targets_faults
     import fuzz_targets_io
     import fuzz_targets_runs
 
     targets = {"data": fuzz_targets.DATA, "seeds": fuzz_targets.SEEDS, "recipe": fuzz_targets.RECIPE,
                "suite": fuzz_targets.SUITE, "runs": fuzz_targets_runs.runs_target()}
     targets.update(fuzz_targets_io.targets())
+    targets["faults"] = fuzz_targets_faults.faults_target()
     return targets
 
 

@@ -198,8 +198,9 @@ def checkpoint_problem(path: Path) -> str | None:
         return "state.json is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         return f"state.json cannot be read: {e}"
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("rng"), dict):
-        return "state.json lacks the step or the RNG state"
+    problem = _state_problem(state)
+    if problem:
+        return f"state.json {problem}"
     for name in ("adapters.safetensors", "optimizer.safetensors", "adapter_config.json"):
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -213,6 +214,26 @@ def checkpoint_problem(path: Path) -> str | None:
         problem = safetensors_problem(path / name)
         if problem:
             return f"{name}: {problem}"
+    return None
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a parsed state.json (its own bytes are not in the recorded hashes), or None."""
+    if not isinstance(state, dict) or isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int):
+        return "lacks the step"
+    rng = state.get("rng")
+    try:
+        (hi, lo), (kind, keys, pos, has_gauss, gauss) = rng["mx_key"], rng["numpy"]
+        ok = (all(isinstance(x, int) and 0 <= x < 2**32 for x in (hi, lo, pos)) and isinstance(kind, str)
+              and isinstance(keys, list) and len(keys) == 624 and all(isinstance(k, int) and 0 <= k < 2**32 for k in keys)
+              and isinstance(has_gauss, int) and isinstance(gauss, (int, float)))
+    except (TypeError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        return "has a malformed RNG state"
+    numbers = ("epoch", "position", "tokens", "supervised_tokens", "window_n", "since_val_n", "bad_evals")
+    if any(isinstance(state.get(k, 0), bool) or not isinstance(state.get(k, 0), int) for k in numbers):
+        return "has a counter that is not an integer"
     return None
 
 
