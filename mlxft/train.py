@@ -42,7 +42,7 @@ from mlxft.checkpoint import (
 from mlxft.config import DataConfig, EvalConfig, LoraConfig, ModelConfig, Recipe, TierConfig, TrainConfig
 from mlxft.config import PreferenceConfig
 from mlxft.data import Encoded, encode_rows, load_splits, pad_rows
-from mlxft.run_format import check_resumable
+from mlxft.run_format import check_resumable, version_note
 from mlxft import distributed as dist
 from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.models import BaseModel, load_base
@@ -485,8 +485,9 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
 def resume(run_path: str | Path, log=print) -> TrainResult:
     """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
     root, ckpt, config, notes = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
-    for note in notes:  # a damaged newest checkpoint: resume falls back to the one before it
-        log(note)
+    for note in [*notes, version_note(config)]:  # a damaged newest checkpoint; a run from another mlxft version
+        if note:
+            log(note)
     if config.get("recipe", {}).get("train", {}).get("method", "sft") != "sft":
         from mlxft.preference import resume_preference
 

@@ -67,3 +67,22 @@ def test_new_runs_record_their_format(run, tmp_path):
     rd.root.mkdir()
     rd.write_config({"recipe": {"name": "x"}})
     assert json.loads(rd.config.read_text())["run_format"] == RUN_FORMAT
+
+
+def test_resuming_a_run_from_another_version_names_both(tiny_model, tiny_data, tmp_path):
+    from mlxft.recipes import load_recipe
+    from mlxft.train import resume, train
+
+    recipe = load_recipe("smollm2-135m", tier=8, overrides=[
+        f"model.source={tiny_model}", "train.iters=4", "train.save_every=2", "train.batch_size=4",
+        "train.val_every=40", "lora.num_layers=2", "lora.rank=4", "train.max_seq_length=64"])
+    root = train(recipe, tiny_data, tmp_path / "runs", log=lambda *_: None).run.root
+    import shutil
+
+    shutil.rmtree(root / "checkpoints" / "step-000004")  # as if killed after step 2
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["versions"]["mlxft"] = "0.0.9"
+    (root / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    resume(root, log=lines.append)
+    assert any("written by mlxft 0.0.9" in line and f"this is mlxft {mlxft.__version__}" in line for line in lines)
