@@ -238,6 +238,17 @@ class Handler(BaseHTTPRequestHandler):
     log_requests = False
     poll_seconds = 0.05  # how often a waiting handler checks that its client is still there
 
+    def parse_request(self):
+        # RFC 9112 2.2: a server SHOULD ignore empty lines before the request line (http.server drops the request)
+        for _ in range(100):
+            if self.raw_requestline.strip() or not self.raw_requestline:
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414)
+                return False
+        return super().parse_request()
+
     def log_message(self, fmt, *args):
         if self.log_requests:
             super().log_message(fmt, *args)

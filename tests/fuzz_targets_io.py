@@ -201,6 +201,7 @@ SERVE_HTTP = Target("serve: HTTP requests (headers + bodies)", http_cases, [
     ("invalid UTF-8 JSON", ("POST", "/v1/chat/completions", f"Bearer {KEY}", [], b'{"messages": "\xff"}', "exact")),
     ("deeply nested JSON", ("POST", "/v1/chat/completions", f"Bearer {KEY}", [], b"[" * 100_000, "exact")),
     ("unknown method", ("BREW", "/v1/models", f"Bearer {KEY}", [], b"", None)),
+    ("blank lines before the request line", ("\r\n\r\nGET", "/health", f"Bearer {KEY}", [], b"", None)),
     ("HTTP/0.9 style line", ("GET", "/v1/models HTTP/1.1 extra", f"Bearer {KEY}", [], b"", None)),
     ("admin traversal", ("DELETE", "/admin/adapters/..%2F..%2Fetc", f"Bearer {KEY}", [], b"", None)),
     ("admin add /etc", ("POST", "/admin/adapters", f"Bearer {KEY}", [], b'{"name": "x", "path": "/etc"}', "exact")),
