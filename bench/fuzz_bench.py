@@ -93,4 +93,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip teardown: mlx 0.32 can abort at exit after the server's generation thread ran (see serve_load.py)

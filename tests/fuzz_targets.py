@@ -144,7 +144,7 @@ def run_data(files: dict[str, bytes]) -> Outcome:
             assert not report.ok or any(report.dataset.splits.values())  # never OK on 0 rows
             report.format(0)
             try:
-                prepare_dataset(src, tmp / "out", tokenizer=tiny_tokenizer())
+                prepare_dataset(src, tmp / "out", tokenizer=tiny_tokenizer(), log=lambda *_: None)
             finally:
                 left = [p.name for p in tmp.iterdir() if p.name.startswith(".")]
                 assert not left, f"prepare left {left}"  # no half-written temporary folder

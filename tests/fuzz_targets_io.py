@@ -173,6 +173,8 @@ def run_http(case) -> Outcome:
         assert status != 500 and status < 600, f"{status_line!r}: {answer[-300:]!r}"
         health = exchange(f"GET /health HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
         assert b" 200 " in health.split(b"\r\n", 1)[0], "the server stopped answering after this request"
+        if status >= 400:  # a refusal with a status code: the server's typed error
+            raise MlxftError(f"HTTP {status}")
 
     return probe(call)
 
