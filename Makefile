@@ -90,7 +90,8 @@ clean:
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/data_bench.py
-	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/serve_load.py  # server: 200 requests x 8 with an API key over base + 2 adapters, 20 clients that hang up mid-stream
+	$(BIN)/python bench/fuzz_bench.py  # hostile input at every entry point: cases tried, tracebacks, modified inputs, hangs
 	$(BIN)/python bench/eval_bench.py  # eval: batched generation vs one prompt at a time (target >= 3x)
 	$(BIN)/python bench/dist_bench.py  # data-parallel: 1 rank vs 2 ranks on loopback (mlx.launch)
 	@# The second training peer (HF PEFT on torch CPU) needs the optional `bench` extra: best effort;

@@ -310,20 +310,29 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--max-tokens-cap", type=int, default=2048, show_default=True, help="Largest max_tokens a request may ask for.")
 @click.option("--max-queue", type=int, default=32, show_default=True, help="Queued requests before answering 429.")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="Require Authorization: Bearer KEY on every request (default: $MLXFT_API_KEY; none = no check).")
+@click.option("--insecure-no-auth", is_flag=True, help="Listen beyond loopback without an API key anyway.")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a request may take, queue included, before answering 504.")
 @friendly
-def serve(base, adapters, host, port, max_tokens_cap, max_queue):
+def serve(base, adapters, host, port, max_tokens_cap, max_queue, api_key, insecure_no_auth, request_timeout):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
     from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args  # lazy: CLI start-up
+    from mlxft.inference.serve_guard import check_bind, resolve_api_key
 
-    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
-                         log=click.echo)
+    api_key = resolve_api_key(api_key)
+    warning = check_bind(host, api_key, insecure_no_auth)  # before loading anything: a refusal is instant
+    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                                                                    request_timeout=request_timeout), log=click.echo)
     try:
-        server = make_server(engine, host, port)
+        server = make_server(engine, host, port, api_key=api_key)
     except OSError as e:
         raise MlxftError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        click.echo(f"WARNING: listening on {host}: anyone who can reach it can use the models (admin stays loopback-only)")
-    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1")
+    if warning:
+        click.echo(warning + " (admin stays loopback-only)")
+    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1"
+               + (" (API key required)" if api_key else ""))
     try:
         server.serve_forever()
     finally:

@@ -249,6 +249,12 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
         reason = getattr(error, "problem", None) or str(error)
         problems.append(f"{path}: {line}invalid YAML: {reason}")
         return {}
+    except RecursionError:
+        problems.append(f"{path}: invalid YAML: nested too deeply to be a recipe")
+        return {}
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8")
+        return {}
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -432,7 +438,7 @@ def _parse_value(text: str, hint: Any) -> Any:
     """YAML-parse an override value; a str field keeps the raw text ("Reply: yes" stays text)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML: the text as it is (the type check then says so)
         value = text
     if value is not None and not isinstance(value, str) and _accepts_str(hint):
         return text.strip()

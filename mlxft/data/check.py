@@ -91,6 +91,7 @@ def check_dataset(ds: Dataset, path, recipe=None, tokenizer=None, required_split
         check_rows(rows, report, prompts)
         report.stats[split] = {"rows": len(rows)}
     check_duplicates(ds, report)
+    check_usable(ds, report)
     check_system_prompts(ds, report, system)
     if tokenizer is not None:
         report.max_seq_length = recipe.train.max_seq_length if recipe is not None else None
@@ -113,6 +114,14 @@ def check_rows(rows: list[Example], report: Report, prompts: bool = False) -> No
             report.problems.append(Problem("error", ex.where, msg, "structure"))
             report.dropped.setdefault(ex.where, msg)
         report.problems += [Problem("warning", ex.where, msg, "structure") for msg in warnings]
+
+
+def check_usable(ds: Dataset, report: Report) -> None:
+    """Rows were read, but every one has an error: there is nothing to train on (never "OK to train")."""
+    rows = [ex for split in ds.splits.values() for ex in split]
+    if rows and all(ex.where in report.dropped for ex in rows):
+        report.problems.append(Problem("error", report.path, f"no usable rows: each of the {len(rows)} rows has "
+                                       "an error (listed above)", "no-rows"))
 
 
 def validate_row(row: dict, prompts: bool = False) -> tuple[list[str], list[str]]:

@@ -56,7 +56,7 @@ def read_chat_jsonl(path: Path, need_role: str = "assistant", allow_text: bool =
             raise DataError(f"{path}:{lineno}: conversation has no {need_role} turn")
         rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines); expected one JSON object per line")
     return rows
 
 

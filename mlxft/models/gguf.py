@@ -15,12 +15,14 @@ gemma's norm offset) and tokenizer kinds in ``TOKENIZERS``; adding a family is a
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
 import shutil
 import struct
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -96,13 +98,30 @@ class TensorInfo:
     shape: tuple[int, ...]  # MLX (row-major) order: GGUF stores dims reversed
     offset: int  # absolute byte offset of the data in the file
     file: Path | None = None  # the file (or gguf-split shard) that holds it
+    # mx.load (mlx 0.32) crashes the process on float64 metadata and refuses nested arrays: such a
+    # file is read through the gguf package instead.
+    mlx_loadable: bool = True
 
 
 class _Reader:
-    """Little-endian cursor over the GGUF header bytes."""
+    """Little-endian cursor over the GGUF header bytes.
+
+    Every size and count the file states is checked against the bytes left before anything is
+    read or allocated, so a hostile header fails at once instead of claiming gigabytes."""
+
+    MAX_DEPTH = 4  # arrays of arrays: real files nest one level
 
     def __init__(self, buf, pos: int = 0):
         self.buf, self.pos = buf, pos
+        self.kinds: set[int] = set()  # value types seen (array items and nesting included)
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def claim(self, count: int, item_bytes: int, what: str) -> None:
+        """Refuse `count` items of at least `item_bytes` each when the file cannot hold them."""
+        if count * item_bytes > self.left():
+            raise ValueError(f"{what} claims {count} items at byte {self.pos}, more than the {self.left()} bytes left")
 
     def unpack(self, fmt: str):
         values = struct.unpack_from("<" + fmt, self.buf, self.pos)
@@ -111,18 +130,30 @@ class _Reader:
 
     def string(self) -> str:
         size = self.unpack("Q")
+        self.claim(size, 1, "a string")
         text = self.buf[self.pos:self.pos + size].decode("utf-8", errors="replace")
         self.pos += size
         return text
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
+        self.kinds.add(kind + 100 * depth if kind == 9 else kind)  # an array inside an array shows as 109
         if kind == 8:
             return self.string()
         if kind == 9:
             item_kind, count = self.unpack("IQ")
+            if depth >= self.MAX_DEPTH:
+                raise ValueError(f"arrays nested more than {self.MAX_DEPTH} deep")
             if item_kind in _SCALARS:  # one struct call: token-type arrays hold ~10^5 items
-                return list(self.unpack(f"{count}{_SCALARS[item_kind]}")) if count else []
-            return [self.value(item_kind) for _ in range(count)]
+                self.kinds.add(item_kind)
+                self.claim(count, struct.calcsize(_SCALARS[item_kind]), "an array")
+                fmt = f"<{count}{_SCALARS[item_kind]}"
+                items = list(struct.unpack_from(fmt, self.buf, self.pos))  # a tuple even for one item
+                self.pos += struct.calcsize(fmt)
+                return items
+            if item_kind not in (8, 9):
+                raise ValueError(f"unknown metadata value type {item_kind}")
+            self.claim(count, 8 if item_kind == 8 else 12, "an array")
+            return [self.value(item_kind, depth + 1) for _ in range(count)]
         if kind in _SCALARS:
             return self.unpack(_SCALARS[kind])
         raise ValueError(f"unknown metadata value type {kind}")
@@ -145,22 +176,48 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
                 version, n_tensors, n_kv = reader.unpack("IQQ")
                 if version < 2:
                     raise ModelError(f"{path}: GGUF version {version} is too old; re-convert it")
+                reader.claim(n_kv, 13, "the metadata table")  # a key (8 + its bytes), a type (4), a value (>= 1)
                 metadata = {}
                 for _ in range(n_kv):
                     key = reader.string()
                     metadata[key] = reader.value(reader.unpack("I"))
+                reader.claim(n_tensors, 24, "the tensor table")  # name (8+), ndim (4), type (4), offset (8)
                 raw = []
                 for _ in range(n_tensors):
                     name, ndim = reader.string(), reader.unpack("I")
+                    if not 1 <= ndim <= 4:  # GGML_MAX_DIMS
+                        raise ValueError(f"tensor {name!r} has {ndim} dimensions (1 to 4 allowed)")
                     dims = [reader.unpack("Q") for _ in range(ndim)]
                     raw.append((name, reader.unpack("I"), tuple(reversed(dims)), reader.unpack("Q")))
-            except (struct.error, ValueError, OverflowError) as e:
+            except (struct.error, ValueError, OverflowError, RecursionError) as e:
                 raise ModelError(f"{path} is a truncated or corrupt GGUF file ({e})") from None
+            file_size = len(buf)
     alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise ModelError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_start = -(-reader.pos // alignment) * alignment  # the data section starts aligned
-    tensors = {name: TensorInfo(_type_name(kind), shape, data_start + offset, path)
+    loadable = 12 not in reader.kinds and not any(k >= 100 for k in reader.kinds)  # no float64, no nesting
+    tensors = {name: TensorInfo(_type_name(kind), shape, data_start + offset, path, loadable)
                for name, kind, shape, offset in raw}
+    for name, info in tensors.items():
+        if 0 in info.shape:
+            raise ModelError(f"{path} is corrupt: tensor {name} has shape {info.shape} (no elements)")
+        size = _tensor_bytes(info)
+        if size is not None and info.offset + size > file_size:
+            raise ModelError(f"{path} is truncated or corrupt: tensor {name} ({info.type_name}, shape {info.shape}) "
+                             f"needs bytes {info.offset}..{info.offset + size}, the file has {file_size}")
     return metadata, tensors
+
+
+def _tensor_bytes(info: TensorInfo) -> int | None:
+    """Bytes a tensor's data takes (None for a type this reader does not know; refused later)."""
+
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[info.type_name]]
+    except KeyError:
+        return None
+    count = math.prod(info.shape)
+    return -(-count // block) * size
 
 
 _SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")  # llama.cpp's gguf-split naming
@@ -174,12 +231,17 @@ def read_gguf_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     """
     path = Path(path)
     metadata, tensors = read_gguf_header(path)
-    count = int(metadata.get("split.count", 1) or 1)
+    count = metadata.get("split.count", 1) or 1
+    if isinstance(count, bool) or not isinstance(count, int) or count > 9999:  # gguf-split names hold 5 digits
+        raise ModelError(f"{path}: split.count {count!r} is not a shard count")
     if count <= 1:
         return metadata, tensors
     match = _SHARD_NAME.fullmatch(path.name)
-    if not match or int(metadata.get("split.no", 0)) != 0:
-        raise ModelError(f"{path} is shard {int(metadata.get('split.no', 0)) + 1} of {count} of a split GGUF; "
+    number = metadata.get("split.no", 0)
+    if not isinstance(number, int):
+        raise ModelError(f"{path}: split.no {number!r} is not a shard number")
+    if not match or number != 0:
+        raise ModelError(f"{path} is shard {number + 1} of {count} of a split GGUF; "
                          f"pass the first shard (...-00001-of-{count:05d}.gguf)")
     for number in range(2, count + 1):
         shard = path.with_name(f"{match[1]}-{number:05d}-of-{count:05d}.gguf")
@@ -195,6 +257,11 @@ def read_gguf_model(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 def gguf_metadata_summary(path: str | os.PathLike) -> dict[str, Any]:
     """A short description of a GGUF file (architecture, sizes, tensor types, tokenizer)."""
     metadata, tensors = read_gguf_model(path)
+    with _malformed(Path(path), "metadata"):
+        return _summary(metadata, tensors)
+
+
+def _summary(metadata: dict, tensors: dict) -> dict[str, Any]:
     arch = metadata.get("general.architecture")
     hyper = {k: metadata.get(f"{arch}.{key}") for k, key in [
         ("layers", "block_count"), ("hidden_size", "embedding_length"),
@@ -456,7 +523,13 @@ def _build_tokenizer(metadata: dict, path: Path) -> Tokenizer:
     kind = metadata.get("tokenizer.ggml.model")
     if kind not in TOKENIZERS:
         raise ModelError(f"{path}: tokenizer model {kind!r} is not supported; supported: {sorted(TOKENIZERS)}")
-    return TOKENIZERS[kind](metadata, path)
+    try:
+        return TOKENIZERS[kind](metadata, path)
+    except ModelError:
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exception for a vocabulary it cannot build
+        raise ModelError(f"{path}: the GGUF's {kind} vocabulary does not make a tokenizer ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
 
 
 def _build_bpe_tokenizer(metadata: dict, path: Path) -> Tokenizer:
@@ -518,7 +591,7 @@ def _load_tensors(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, mx.ar
         files[info.file or path][name] = info
     arrays = {}
     for file, part in files.items():  # one file, or each shard of a split model
-        if any(info.type_name not in MLX_NATIVE_TYPES for info in part.values()):
+        if any(info.type_name not in MLX_NATIVE_TYPES or not info.mlx_loadable for info in part.values()):
             arrays.update(_load_tensors_numpy(file, part))
             continue
         try:
@@ -624,6 +697,12 @@ def _hf_configs(path: Path, metadata: dict, tensors: dict, arch: Architecture) -
         config = arch.build_config(metadata, arch.metadata_prefix)
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
+    sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "max_position_embeddings")
+    for key in (k for k in sizes if k in config):  # a float or zero here would reach reshapes and divisions
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{path}: the GGUF metadata gives {key}={value!r}; expected a positive integer")
     ids = {k: metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "padding", "unknown")}
     tokens = metadata["tokenizer.ggml.tokens"]
     chat_template = metadata.get("tokenizer.chat_template")
@@ -667,13 +746,14 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ModelError(f"{out_dir} already exists and is not empty; pick a new folder")
     metadata, tensors = read_gguf_model(path)
-    arch = ARCHITECTURES.get(metadata.get("general.architecture"))
-    if arch is None:
-        raise ModelError(f"{path}: architecture {metadata.get('general.architecture')!r} is not "
-                         f"supported; supported: {', '.join(sorted(ARCHITECTURES))}")
-    _check_tensors(path, tensors, arch)  # validate everything cheap before loading weights
-    configs = _hf_configs(path, metadata, tensors, arch)
-    tokenizer = _build_tokenizer(metadata, path)
+    with _malformed(path, "metadata"):  # values of the wrong type or out of range: one message, not a traceback
+        arch = ARCHITECTURES.get(str(metadata.get("general.architecture")))
+        if arch is None:
+            raise ModelError(f"{path}: architecture {metadata.get('general.architecture')!r} is not "
+                             f"supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+        _check_tensors(path, tensors, arch)  # validate everything cheap before loading weights
+        configs = _hf_configs(path, metadata, tensors, arch)
+        tokenizer = _build_tokenizer(metadata, path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target so the final rename stays on one filesystem (atomic).
@@ -696,5 +776,21 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, permissions: a user-fixable problem, not a bug
             raise ModelError(f"{path}: could not write {out_dir} ({e})") from e
+        if isinstance(e, (*MALFORMED, RuntimeError)):  # tensors that disagree with the metadata (mlx: RuntimeError)
+            raise ModelError(f"{path}: malformed GGUF tensors ({type(e).__name__}: {e})") from None
         raise
     return out_dir
+
+
+# What interpreting a hostile header's values can raise besides ModelError (a list where a number
+# belongs, a zero head count, an index past the vocabulary): the file is malformed, not mlxft.
+MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+             RecursionError, struct.error, BufferError)
+
+
+@contextmanager
+def _malformed(path: Path, part: str):
+    try:
+        yield
+    except MALFORMED as e:
+        raise ModelError(f"{path}: malformed GGUF {part} ({type(e).__name__}: {str(e)[:200]})") from None

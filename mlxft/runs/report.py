@@ -25,7 +25,7 @@ import mlxft
 from mlxft.errors import MlxftError
 from mlxft.files import write_atomic
 from mlxft.runs.summary import (
-    Metrics, PREFERENCE_KEYS, REWARD_KEYS, flatten, fmt_delta, fmt_num, fmt_score, open_run, overfitting_spans, read_config, read_eval, read_metrics, status_hint, summarize,
+    Metrics, PREFERENCE_KEYS, flatten, fmt_delta, fmt_num, fmt_score, open_run, overfitting_spans, read_config, read_eval, read_metrics, status_hint, summarize,
 )
 
 TEMPLATE = "report.html.j2"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxft.errors import MlxftError
+from mlxft.runs.format import check_run_config
 from mlxft.runs.run import RunDir, read_json_object
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -90,7 +91,9 @@ def open_run(path: str | Path) -> RunDir:
 
 
 def read_config(run: RunDir) -> dict:
-    return read_json_object(run.config)
+    config = read_json_object(run.config)
+    check_run_config(config, run.config)  # another mlxft's newer run format: refused, naming both versions
+    return config
 
 
 def read_eval(run: RunDir) -> dict | None:

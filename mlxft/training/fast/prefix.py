@@ -90,9 +90,11 @@ def first_trainable_layer(model: nn.Module) -> int:
 
 
 def shared_prefix_length(rows) -> int:
-    """Longest common prefix of the rows' ids, ending before the first supervised input position."""
+    """Longest common prefix of the rows' ids, ending before the first supervised input position and
+    leaving every row at least one input of its own (rows cut at max_seq_length before their answer
+    can be identical and wholly unsupervised)."""
     first = rows[0].ids
-    n = min(len(r.ids) for r in rows) - 1
+    n = min(len(r.ids) for r in rows) - 2
     for r in rows:
         ids = np.asarray(r.ids[: n + 1])
         diff = np.flatnonzero(ids[:n] != np.asarray(first[:n]))
