@@ -22,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the fuzz targets and tiny-model fixtures live with the tests
+sys.path.insert(0, str(HERE.parent / "tests" / "models"))  # the GGUF target builds its files with test_gguf's writers
 os.environ.setdefault("MLXFT_CACHE", tempfile.mkdtemp(prefix="mlxft-fuzz-cache-"))  # token-check cache entries
 os.environ.setdefault("MLXFT_RUNS", tempfile.mkdtemp(prefix="mlxft-fuzz-runs-"))
 
