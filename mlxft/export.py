@@ -178,9 +178,13 @@ def _numpy_weights(model) -> dict[str, np.ndarray]:
 def _passed(check, log) -> dict:
     log(f"gate: {check.line()}")
     if not check.passed:
+        hint = ""
+        if check.quant.startswith(("q4", "q5")) and ".lora." not in check.artefact:
+            hint = (f"; rounding merged weights to {check.quant} can erase a LoRA's small changes: try "
+                    f"--adapter-only --with-base --quant {check.quant} (the adapter stays float32) or --quant q8_0")
         raise ExportError(f"refusing to write the export: {check.artefact} does not match base + adapter "
                           f"(agreement {check.agreement:.2%}, relative logit diff {check.rel_diff:.2e}); "
-                          "nothing was written")
+                          f"nothing was written{hint}")
     return {**check.to_dict(), "line": check.line()}
 
 

@@ -2,7 +2,7 @@
 
 The reference is the run's base with its adapter, in MLX, on prompts from the run's eval
 suites (built with the run's system prompt and chat template, as eval builds them), each
-continued greedily for a few tokens. A written GGUF is read back through mlxft's own
+followed by its greedy reply (up to 16 tokens, through the end-of-turn token). A written GGUF is read back through mlxft's own
 importer (``import-gguf``, dequantized to fp32); the sequences are scored teacher-forced,
 and the gate compares (1) the prompt ids the file's tokenizer and chat template give with
 the ids training used, (2) greedy next-token agreement at every position and (3) the largest
@@ -21,22 +21,25 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from mlxft.data import prompt_ids, with_system_prompt
+from mlxft.data import eos_ids, prompt_ids, with_system_prompt
 from mlxft.errors import MlxftError
 from mlxft.fuse import compare, greedy_continuation, held_out_conversations, sequence_logits
 from mlxft.gguf import import_gguf, read_gguf_header
 from mlxft.gguf_write import family_of, gguf_base_name, unpermute_rows
 from mlxft.suites import load_suite, suite_examples
 
-# --quant -> (min greedy agreement, max |logit diff| / max |logit|). Measured on SmolLM2-135M
-# with the default adapter (README, Export): f32 1e-6, f16 ~2e-3, q8_0 ~1e-2; bounds leave room.
+# --quant -> (min greedy agreement, max |logit diff| / max |logit|), on the reply positions. Measured on
+# SmolLM2-135M with the default adapter (README, Export): f32 2e-6, f16 7e-4 (100% agreement), bf16 7e-3,
+# q8_0 3e-2 (98.4%), q5_0 0.16 (98.4%); the fused q4_1 file reads 64% and is refused (4-bit rounding
+# erases the adapter: export it --adapter-only). A single logit moves a lot under 4/5-bit rounding, so
+# agreement is what those gates rest on; their logit bounds only catch a broken file.
 THRESHOLDS = {
     "f32": (0.99, 1e-3),
     "f16": (0.98, 2e-2),
     "bf16": (0.95, 5e-2),
-    "q8_0": (0.95, 5e-2),
-    "q5_0": (0.90, 1e-1), "q5_1": (0.90, 1e-1),
-    "q4_0": (0.85, 2e-1), "q4_1": (0.85, 2e-1),
+    "q8_0": (0.95, 1e-1),
+    "q5_0": (0.90, 0.35), "q5_1": (0.90, 0.35),
+    "q4_0": (0.85, 0.5), "q4_1": (0.85, 0.5),
 }
 
 
@@ -97,10 +100,18 @@ def check_conversations(config: dict, n: int) -> tuple[list[list[dict]], str]:
     return [with_system_prompt(c, config.get("system_prompt")) for c in held_out], source
 
 
+def reply_tokens(model, prompt: list[int], stop: set[int], new_tokens: int) -> list[int]:
+    """The greedy reply, up to and including its end-of-turn token: the positions a user's answer depends on
+    (what a model says after its turn has ended is noise that a rounding of the weights may change)."""
+    tokens = greedy_continuation(model, prompt, new_tokens)
+    ends = [i for i, t in enumerate(tokens) if t in stop]
+    return tokens[: ends[0] + 1] if ends else tokens
+
+
 def make_reference(model, tokenizer, conversations: list[list[dict]], source: str, new_tokens: int = 16) -> Reference:
-    """Greedy continuations and teacher-forced logits of base + adapter (``model``) on the prompts."""
+    """Greedy replies and teacher-forced logits of base + adapter (``model``) on the prompts."""
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
-    sequences = [p + greedy_continuation(model, p, new_tokens) for p in prompts]
+    sequences = [p + reply_tokens(model, p, eos_ids(tokenizer), new_tokens) for p in prompts]
     logits = [sequence_logits(model, s, len(p)) for s, p in zip(sequences, prompts)]
     return Reference(conversations, prompts, sequences, logits, source)
 

@@ -29,6 +29,9 @@ WRITABLE = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": 
 LLAMA_QUANTIZE_ONLY = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
                        "iq2_xxs", "iq2_xs", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs")
 _BLOCK = 32  # every type above packs rows in blocks of 32 weights
+# The output matrix (or the embedding that doubles as it) in 4/5-bit files: llama-quantize gives it
+# Q6_K, which the gguf package cannot write; Q8_0 is the nearest it can.
+HEAD_TYPE_BELOW_8_BIT = "q8_0"
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,9 @@ def encode(array: np.ndarray, quant: str) -> tuple[np.ndarray, object, str]:
 
 
 def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, np.ndarray], quant: str,
-               kind: str = "model") -> dict[str, int]:
-    """One GGUF file (kind 'model' or 'adapter'); returns {type name: tensor count}."""
+               kind: str = "model", overrides: dict[str, str] | None = None) -> dict[str, int]:
+    """One GGUF file (kind 'model' or 'adapter'); ``overrides`` gives some tensors another --quant.
+    Returns {type name: tensor count}."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -189,7 +193,7 @@ def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, np.ndar
     _add_metadata(writer, metadata)
     counts: dict[str, int] = {}
     for name, array in tensors.items():
-        data, qtype, type_name = encode(array, quant)
+        data, qtype, type_name = encode(array, (overrides or {}).get(name, quant))
         writer.add_tensor(name, data, raw_dtype=qtype)
         counts[type_name] = counts.get(type_name, 0) + 1
     writer.write_header_to_file()
@@ -207,7 +211,10 @@ def write_model_gguf(path: Path, weights: dict[str, np.ndarray], config: dict, t
         raise ModelError("a gemma3 model with an untied lm_head cannot be exported to GGUF yet")
     metadata = {**(general or {}), **architecture_metadata(config, family), **tokenizer_meta}
     metadata[f"{family.arch}.vocab_size"] = int(weights["model.embed_tokens.weight"].shape[0])
-    return write_gguf(path, family.arch, metadata, model_tensors(weights, family, metadata), quant)
+    tensors = model_tensors(weights, family, metadata)
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    overrides = {head: HEAD_TYPE_BELOW_8_BIT} if quant.startswith(("q4", "q5")) else {}
+    return write_gguf(path, family.arch, metadata, tensors, quant, overrides=overrides)
 
 
 # ---------------------------------------------------------------- LoRA adapters

@@ -1,0 +1,53 @@
+"""llama.cpp (llama-cpp-python, built from source) reads what mlxft export writes: an independent reader.
+
+Slow, and skipped unless the optional extra is installed (`make llamacpp`). Tiny llama, qwen2 and
+gemma3 runs: llama.cpp's logits on the training prompt equal the fused MLX model's, its tokenizer and
+chat template give the training prompt ids, and base GGUF + `--lora` adapter GGUF gives the fused logits.
+The 160-prompt comparison on the real default run is `make bench-export` (bench/export_bench.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from export_fixtures import fused_reference, logits, tiny_run
+
+from mlxft import llamacpp
+from mlxft.data import prompt_ids
+from mlxft.export import ExportOptions, export_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not llamacpp.available(), reason=llamacpp.INSTALL)]
+CHAT = [{"role": "system", "content": "Label the message."}, {"role": "user", "content": "gamma w x y"}]
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def run(request, tiny_data, tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp(f"cpp-{request.param}"), request.param, tiny_data)
+
+
+def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_llama_cpp_runs_the_fused_gguf_like_mlx(run, tmp_path):
+    report = export_run(run, tmp_path / "out", ExportOptions(quant="f32"), **QUIET)
+    (path,) = report.out.glob("*.gguf")
+    ref_model, ref_tok = fused_reference(run)
+    ids = prompt_ids(ref_tok, CHAT)
+    llm = llamacpp.load(path, logits_all=True)
+    assert llamacpp.chat_prompt_ids(llm, CHAT) == ids  # llama.cpp's tokenizer + the GGUF's trained template
+    want = logits(ref_model, ids)
+    assert relative_diff(llamacpp.logits(llm, ids), want) <= 1e-3
+    assert (llamacpp.logits(llm, ids).argmax(-1) == want.argmax(-1)).all()
+
+
+def test_llama_cpp_applies_the_lora_gguf_to_the_base_gguf(run, tmp_path):
+    report = export_run(run, tmp_path / "out", ExportOptions(adapter_only=True, with_base=True, quant="f32"), **QUIET)
+    base, adapter = next(report.out.glob("base.*.gguf")), next(report.out.glob("*.lora.gguf"))
+    ref_model, ref_tok = fused_reference(run)
+    ids = prompt_ids(ref_tok, CHAT)
+    with_lora = llamacpp.logits(llamacpp.load(base, lora=adapter, logits_all=True), ids)
+    assert relative_diff(with_lora, logits(ref_model, ids)) <= 1e-3
+    without = llamacpp.logits(llamacpp.load(base, logits_all=True), ids)
+    assert relative_diff(without, logits(ref_model, ids)) > 1e-2  # the adapter really changes the model
