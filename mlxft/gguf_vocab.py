@@ -82,11 +82,20 @@ def hf_tokenizer_metadata(folder: Path) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre_tokenizer_name(spec.get("pre_tokenizer")),
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
-    meta.update(_special_ids(folder, vocab))
+    meta.update(_special_ids(folder, vocab, spec.get("post_processor")))
     return meta
 
 
-def _special_ids(folder: Path, vocab: dict[str, int]) -> dict:
+def _adds_bos(post_processor: dict | None, bos: str | None) -> bool:
+    """Whether the post-processor puts BOS first (Llama 3's does; its tokenizer_config may not say)."""
+    if not post_processor or not bos:
+        return False
+    if post_processor.get("type") == "TemplateProcessing":
+        return post_processor["single"][:1] == [{"SpecialToken": {"id": bos, "type_id": 0}}]
+    return any(_adds_bos(p, bos) for p in post_processor.get("processors", []))
+
+
+def _special_ids(folder: Path, vocab: dict[str, int], post_processor: dict | None = None) -> dict:
     """bos/eos/unk/pad ids and add_bos_token from tokenizer_config.json (eos: config.json's first id too)."""
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -104,5 +113,8 @@ def _special_ids(folder: Path, vocab: dict[str, int]) -> dict:
     others = [i for i in extra if i != meta.get("tokenizer.ggml.eos_token_id")]
     if others:  # a second end id (Llama 3's <|eot_id|>): llama.cpp's end-of-turn token
         meta["tokenizer.ggml.eot_token_id"] = int(others[0])
-    meta["tokenizer.ggml.add_bos_token"] = bool(cfg.get("add_bos_token", False))
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    meta["tokenizer.ggml.add_bos_token"] = bool(cfg["add_bos_token"] if "add_bos_token" in cfg
+                                                else _adds_bos(post_processor, bos))
     return meta

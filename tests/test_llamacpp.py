@@ -21,7 +21,7 @@ CHAT = [{"role": "system", "content": "Label the message."}, {"role": "user", "c
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "qwen2", "gemma3"])
 def run(request, tiny_data, tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp(f"cpp-{request.param}"), request.param, tiny_data)
 
