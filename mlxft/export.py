@@ -231,6 +231,10 @@ def _export_gguf(run: RunDir, config: dict, staging: Path, opts: ExportOptions, 
                         int(params.get("rank", 8)), general)
         log(f"wrote {files['adapter']} ({_size(staging / files['adapter'])})")
         plain = load_run_base(config)  # the base without mlx-lm's adapter layers: the LoRA GGUF goes on it
+        if is_quantized(plain.model):  # a QLoRA base (Metal): add the deltas to dense weights
+            from mlx_lm.utils import dequantize_model
+
+            plain.model = dequantize_model(plain.model)
         base_weights = _numpy_weights(plain.model) if want_base else None
         apply_lora_gguf_in_place(plain.model, base_config, staging / files["adapter"])
         checks.append(_passed(check_model(reference, plain.model, base.tokenizer, files["adapter"] + " on the run's base", "f32"), log))

@@ -162,3 +162,11 @@ def test_cli_refuses_k_quants_and_push_offline_without_writing(run, tmp_path, mo
     r = CliRunner().invoke(main, ["export", str(run), "--to", "gguf"])
     assert r.exit_code == 1 and "needs an OUT folder" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["hf"] or list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_prints_the_files_and_the_commands_to_run_them(tiny_data, tmp_path):
+    run = tiny_run(tmp_path / "r", "llama", tiny_data)
+    r = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "o"), "--to", "ollama", "--name", "labels"])
+    assert r.exit_code == 0, r.output
+    assert "labels.F16.gguf" in r.output and f"ollama create labels -f {tmp_path / 'o'}/Modelfile" in r.output
+    assert "gate: labels.F16.gguf (f16): greedy agreement 100.00%" in r.output
