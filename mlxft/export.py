@@ -23,12 +23,15 @@ import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import dequantize_model
 
 from mlxft.export_check import (ExportError, apply_lora_gguf_in_place, check_conversations, check_model,
                                 load_gguf_back, make_reference)
 from mlxft.fuse import fuse_layers, fuse_run
 from mlxft.gguf_vocab import tokenizer_metadata
 from mlxft.gguf_write import LLAMA_QUANTIZE_ONLY, WRITABLE, family_of, write_lora_gguf, write_model_gguf
+from mlxft.hub import check_hub_access, push_folder
 from mlxft.model_card import CardFacts, base_licence, model_card, read_eval
 from mlxft.modelfile import choose_family, modelfile_text
 from mlxft.models import BUILTIN_PREFIX, bundled_gguf_path, is_quantized, load_run_base
@@ -100,8 +103,6 @@ def export_run(run_path: str | Path, out: str | Path | None, opts: ExportOptions
     if out.exists():
         raise ExportError(f"{out} already exists; choose a new folder")
     if opts.push:
-        from mlxft.hub import check_hub_access
-
         check_hub_access(opts.push)  # offline or no token: say so before writing anything
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -129,8 +130,6 @@ def export_run(run_path: str | Path, out: str | Path | None, opts: ExportOptions
     report = ExportReport(out, files, [c["line"] for c in result["checks"]], result["usage"],
                           time.monotonic() - start, result["checks"])
     if opts.push:
-        from mlxft.hub import push_folder
-
         report.pushed = push_folder(out, opts.push, f"mlxft export of {run.root.name} ({opts.to}, {opts.quant})")
     return report
 
@@ -169,8 +168,6 @@ def source_gguf(config: dict) -> Path | None:
 def _numpy_weights(model) -> dict[str, np.ndarray]:
     """Dense float32 copies of a model's weights (dequantized first when quantized)."""
     if is_quantized(model):
-        from mlx_lm.utils import dequantize_model
-
         model = dequantize_model(model)
     return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
 
@@ -190,8 +187,6 @@ def _passed(check, log) -> dict:
 
 def _export_gguf(run: RunDir, config: dict, staging: Path, opts: ExportOptions, name: str, out: Path, log) -> dict:
     """Fused GGUF, or LoRA GGUF (+ base GGUF), each read back and checked; Ollama adds a Modelfile."""
-    from mlx_lm.tuner.utils import load_adapters
-
     base = load_run_base(config)
     base_config = json.loads((Path(base.path) / "config.json").read_text())
     family_of(base_config)  # an unsupported family fails here, before any work
@@ -232,8 +227,6 @@ def _export_gguf(run: RunDir, config: dict, staging: Path, opts: ExportOptions, 
         log(f"wrote {files['adapter']} ({_size(staging / files['adapter'])})")
         plain = load_run_base(config)  # the base without mlx-lm's adapter layers: the LoRA GGUF goes on it
         if is_quantized(plain.model):  # a QLoRA base (Metal): add the deltas to dense weights
-            from mlx_lm.utils import dequantize_model
-
             plain.model = dequantize_model(plain.model)
         base_weights = _numpy_weights(plain.model) if want_base else None
         apply_lora_gguf_in_place(plain.model, base_config, staging / files["adapter"])

@@ -20,6 +20,8 @@ from pathlib import Path
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load
 
 from mlxft.data import eos_ids, prompt_ids, with_system_prompt
 from mlxft.errors import MlxftError
@@ -133,8 +135,6 @@ def check_model(reference: Reference, model, tokenizer, artefact: str, quant: st
 
 def load_gguf_back(path: Path, workdir: Path):
     """(model, tokenizer) of a GGUF as mlxft's importer reads it (dense fp32), from a scratch folder."""
-    from mlx_lm.utils import load
-
     folder = Path(tempfile.mkdtemp(prefix="readback-", dir=workdir))
     try:
         import_gguf(path, folder / "model", dequantize="fp32")
@@ -160,8 +160,6 @@ def read_lora_gguf(path: Path) -> tuple[float, dict[str, tuple[np.ndarray, np.nd
 
 def apply_lora_gguf_in_place(model, config: dict, path: Path) -> int:
     """Add a LoRA GGUF's deltas to an MLX model's weights (as llama.cpp applies it); returns how many."""
-    from mlx.utils import tree_flatten
-
     family = family_of(config)
     heads = {"attention.head_count": config["num_attention_heads"],
              "attention.head_count_kv": config.get("num_key_value_heads", config["num_attention_heads"])}

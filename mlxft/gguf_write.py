@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from mlxft.errors import ModelError
@@ -167,8 +168,6 @@ def model_tensors(weights: dict[str, np.ndarray], family: Family, metadata: dict
 def encode(array: np.ndarray, quant: str) -> tuple[np.ndarray, object, str]:
     """(data, raw GGML type or None, type name) of one tensor at --quant: 1-D tensors (norms, biases)
     stay F32 as in llama.cpp's converter; rows that are not whole blocks fall back to F16, as there."""
-    import gguf
-
     type_name = WRITABLE[quant][0]
     if array.ndim == 1 or type_name == "F32":
         return array.astype(np.float32), None, "F32"
@@ -182,8 +181,6 @@ def write_gguf(path: Path, arch: str, metadata: dict, tensors: dict[str, np.ndar
                kind: str = "model", overrides: dict[str, str] | None = None) -> dict[str, int]:
     """One GGUF file (kind 'model' or 'adapter'); ``overrides`` gives some tensors another --quant.
     Returns {type name: tensor count}."""
-    import gguf
-
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(kind)
     if kind == "model":

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token
+
 from mlxft.export_check import ExportError
 
 
 def check_hub_access(repo_id: str) -> None:
     """Raise ExportError unless a token exists and the hub answers for it."""
-    from huggingface_hub import HfApi, get_token
-
     if repo_id.count("/") != 1:
         raise ExportError(f"--push {repo_id!r}: give a repo id as owner/name")
     token = get_token()
@@ -31,8 +31,6 @@ def check_hub_access(repo_id: str) -> None:
 
 def push_folder(folder: Path, repo_id: str, message: str) -> str:
     """Create the model repo when needed and upload ``folder`` as one commit; returns its URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlxft.data import prompt_ids
 from mlxft.export_check import ExportError
 from mlxft.gotemplate import render
 
@@ -70,8 +71,6 @@ def ollama_prompt_ids(family: OllamaFamily, tokenizer, messages: list[dict], sys
 def choose_family(tokenizer, conversations: list[list[dict]], expected: list[list[int]], system: str | None,
                   bos_id: int | None) -> OllamaFamily:
     """The family whose TEMPLATE reproduces the training ids on every check prompt and the probe."""
-    from mlxft.data import prompt_ids
-
     convs = [*conversations, PROBE]
     want = [*expected, prompt_ids(tokenizer, PROBE, system)]
     mismatches = []
