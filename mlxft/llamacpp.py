@@ -25,14 +25,17 @@ def available() -> bool:
     return True
 
 
-def load(path: Path, lora: Path | None = None, n_ctx: int = 1024, threads: int = 2, logits_all: bool = False):
-    """A llama_cpp.Llama on a GGUF file (plus a LoRA GGUF applied at scale 1, as `llama-cli --lora`)."""
+def load(path: Path, lora: Path | None = None, n_ctx: int = 1024, threads: int = 2, logits_all: bool = False,
+         f32_cache: bool = False):
+    """A llama_cpp.Llama on a GGUF file (plus a LoRA GGUF applied at scale 1, as `llama-cli --lora`).
+    ``f32_cache`` keeps keys/values in float32 instead of llama.cpp's default float16 (for logit checks)."""
     try:
         from llama_cpp import Llama  # lazy: optional compiled dependency
     except ImportError:
         raise MlxftError(f"llama.cpp is not installed: {INSTALL}") from None
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
     return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0)
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0, **cache)
 
 
 def chat_reply(llm, messages: list[dict], max_tokens: int) -> str:
