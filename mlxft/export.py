@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
@@ -89,7 +89,7 @@ def export_run(run_path: str | Path, out: str | Path | None, opts: ExportOptions
     """Export RUN as OUT (a folder), verified; nothing is left at OUT when a check fails."""
     start = time.monotonic()
     check_options(opts)
-    opts.quant = opts.quant.lower()
+    opts = replace(opts, quant=opts.quant.lower())
     run = RunDir.open(run_path)
     config = run.read_config()
     if not (run.best_adapters / "adapters.safetensors").is_file():
@@ -120,7 +120,8 @@ def export_run(run_path: str | Path, out: str | Path | None, opts: ExportOptions
         write_atomic(staging / "README.md", model_card(facts))
         write_atomic(staging / "mlxft_export.json", json.dumps(
             {"run": str(run.root.resolve()), "adapters": str(run.best_adapters.resolve()), "format": opts.to,
-             "quant": opts.quant, "adapter_only": opts.adapter_only, "checks": result["checks"]}, indent=2) + "\n")
+             "quant": opts.quant if opts.to in ("gguf", "ollama") else None, "adapter_only": opts.adapter_only,
+             "checks": result["checks"]}, indent=2) + "\n")
         files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
         os.replace(staging, out)
     except OSError as e:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from mlxft.models import BUILTIN, BUILTIN_PREFIX, GEMMA_TERMS
 
+# The hub ids the bundled GGUFs were converted from (for the card's base_model, which the hub links).
+BUILTIN_ORIGINS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
                 "ai.google.dev/gemma/terms.")  # the notice the Gemma Terms ask every redistribution to carry
 
@@ -49,6 +51,7 @@ def base_licence(config: dict, model_type: str) -> tuple[str, str | None]:
 
 def _front_matter(facts: CardFacts, licence: str) -> str:
     source = (facts.config.get("recipe") or {}).get("model", {}).get("source", "")
+    source = BUILTIN_ORIGINS.get(source.removeprefix(BUILTIN_PREFIX), source)
     lines = ["---"]
     if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(".gguf"):
         lines.append(f"base_model: {source}")

@@ -25,7 +25,7 @@ def facts(**kw) -> CardFacts:
 
 def test_card_has_licence_recipe_data_eval_prompt_and_verification():
     card = model_card(facts())
-    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: gguf\n")
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlicense: apache-2.0\nlibrary_name: gguf\n")
     assert "licence of the base: Apache-2.0" in card and GEMMA_NOTICE not in card
     assert "| commit-type (160 rows) | exact_match | 0.0% | 65.6% | adapter - base >= 30 points PASS |" in card
     assert "```text\nClassify the commit.\n```" in card and "temperature 0" in card
