@@ -28,6 +28,7 @@ from mlx_lm.utils import dequantize_model
 
 from mlxft.export_check import (ExportError, apply_lora_gguf_in_place, check_conversations, check_model,
                                 load_gguf_back, make_reference)
+from mlxft.data import prompt_ids
 from mlxft.fuse import fuse_layers, fuse_run
 from mlxft.gguf_vocab import tokenizer_metadata
 from mlxft.gguf_write import LLAMA_QUANTIZE_ONLY, WRITABLE, family_of, write_lora_gguf, write_model_gguf
@@ -249,7 +250,9 @@ def _export_gguf(run: RunDir, config: dict, staging: Path, opts: ExportOptions, 
         system = config.get("system_prompt")
         asked = [c[1:] if system and c and c[0] == {"role": "system", "content": system} else c
                  for c in reference.conversations]  # as a user asks: the Modelfile's SYSTEM fills in the rest
-        family = choose_family(tokenizer, asked, reference.prompts, system, bos)
+        # Ollama sends SYSTEM with every chat that has no system message: training's format with the run's prompt.
+        expected = [prompt_ids(tokenizer, c, system) for c in reference.conversations]
+        family = choose_family(tokenizer, asked, expected, system, bos)
         log(f"ollama: the {family.name} TEMPLATE gives the training prompt ids on all {len(reference.prompts)} "
             "check prompts and a multi-turn probe")
         header = f"mlxft export of {run.root.name} ({opts.quant}); ollama create {name} -f Modelfile"

@@ -170,3 +170,25 @@ def test_cli_export_prints_the_files_and_the_commands_to_run_them(tiny_data, tmp
     assert r.exit_code == 0, r.output
     assert "labels.F16.gguf" in r.output and f"ollama create labels -f {tmp_path / 'o'}/Modelfile" in r.output
     assert "gate: labels.F16.gguf (f16): greedy agreement 100.00%" in r.output
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    from mlxft.recipes import load_recipe
+    from mlxft.train import train
+
+    recipe = load_recipe("smollm2-135m", overrides=["train.iters=16", "train.batch_size=4", "train.val_every=16",
+                                                    "train.val_batches=1", "train.warmup_steps=2"])
+    return train(recipe, runs_root=tmp_path_factory.mktemp("runs"), log=lambda *_: None).run.root
+
+
+@pytest.mark.slow
+def test_smollm2_fused_f16_and_lossless_q4_1_adapter_pass_their_gates(smollm2_run, tmp_path):
+    fused = export_run(smollm2_run, tmp_path / "f16", ExportOptions(to="ollama"), **QUIET)
+    assert fused.details[0]["agreement"] == 1.0 and fused.details[0]["rel_diff"] < 5e-3
+    assert 'SYSTEM """Classify the git commit message.' in (fused.out / "Modelfile").read_text()
+    lora = export_run(smollm2_run, tmp_path / "q4", ExportOptions(adapter_only=True, with_base=True, quant="q4_1"),
+                      **QUIET)
+    # The bundled SmolLM2 is Q4_1 (embedding Q8_0): its weights re-quantize to themselves, so base + LoRA is exact.
+    assert lora.details[-1]["rel_diff"] < 1e-4 and lora.files["base.Q4_1.gguf"] < 110e6
+    assert "Apache-2.0" in (lora.out / "README.md").read_text()
