@@ -116,4 +116,4 @@ llamacpp: $(LLAMACPP_STAMP)
 # RUN=runs/<run> (default: the newest run): exports it three ways and answers the 160 commit-type prompts
 # in llama.cpp and in mlxft (reply agreement, exact match, base + LoRA vs fused); bench/export_results.json.
 bench-export: llamacpp
-	$(BIN)/python bench/export_bench.py $(or $(RUN),$$(ls -td runs/*/ | head -1))
+	$(BIN)/python bench/export_bench.py $(or $(RUN),$$(dirname $$(ls -t runs/*/config.json | head -1)))
