@@ -352,6 +352,36 @@ def fuse(run, out_dir, dequantize):
     click.echo(f"wrote {report.out}")
 
 
+@main.command("export")
+@click.argument("run")
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Choice(["gguf", "ollama", "lmstudio", "mlx"]), default="gguf", show_default=True,
+              help="gguf: llama.cpp file; ollama: GGUF + Modelfile; lmstudio: MLX folder in LM Studio's models; mlx: fused folder.")
+@click.option("--quant", default="f16", show_default=True,
+              help="GGUF type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 (K-quants such as q4_k_m: llama.cpp's llama-quantize).")
+@click.option("--adapter-only", is_flag=True, help="The LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER).")
+@click.option("--with-base", is_flag=True, help="With --adapter-only: write the base GGUF too (--to ollama always does).")
+@click.option("--name", default=None, help="Model name in file names and the card (default: the run folder's name).")
+@click.option("--push", metavar="REPO_ID", default=None, help="Upload the finished folder to this Hugging Face repo.")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Eval prompts the written files are checked on against base + adapter.")
+@friendly
+def export_cmd(run, out, to, quant, adapter_only, with_base, name, push, prompts):
+    """Export RUN (verified against base + adapter) into OUT; --to lmstudio defaults to LM Studio's models folder."""
+    from mlxft.export.run import ExportOptions, export_run  # lazy: CLI start-up
+
+    opts = ExportOptions(to=to, quant=quant, adapter_only=adapter_only, with_base=with_base, name=name, push=push,
+                         prompts=prompts)
+    report = export_run(run, out, opts, log=click.echo)
+    for file, size in sorted(report.files.items()):
+        click.echo(f"  {file}  {size / 1e6:.1f} MB")
+    click.echo(f"wrote {report.out} in {report.seconds:.0f} s (README.md is its model card); to run it:")
+    for line in report.usage:
+        click.echo(f"  {line}")
+    if report.pushed:
+        click.echo(f"pushed to {report.pushed}")
+
+
 # ---------------------------------------------------------------- mlxft report, mlxft runs
 
 

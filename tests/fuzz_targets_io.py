@@ -257,7 +257,7 @@ def gguf_bytes(kvs, tensors, version=3, counts=None, data=b"") -> bytes:
 
 @lru_cache(maxsize=1)
 def valid_gguf() -> tuple[bytes, list, list, bytes]:
-    """A real 2-layer tiny llama GGUF (as tests/test_gguf.py writes it): bytes, metadata, tensor table, data."""
+    """A real 2-layer tiny llama GGUF (as tests/models/test_gguf.py writes it): bytes, metadata, tensor table, data."""
     import tempfile
 
     import mlx.core as mx

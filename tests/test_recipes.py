@@ -72,7 +72,7 @@ def test_recipes_demo_the_commit_type_task(name):
     if recipe.train.method != "sft":
         pytest.skip("not an SFT recipe: DPO/ORPO demo on datasets/house-style, GRPO on datasets/structured")
     if recipe.data.path == "datasets/structured":
-        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
+        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/evaluation/test_evaluate.py)")
     # the default trains on commit-type plus replay rows that keep general ability and safety
     assert recipe.data.path == ("datasets/commit-type-replay" if name == "smollm2-135m" else "datasets/commit-type")
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT

@@ -444,7 +444,6 @@ ARCHITECTURES = {
 
 _GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 # tokenizer.ggml.pre -> the HF pre-tokenizer that splits text the way llama.cpp does
-# (llama3's "llama-bpe" would be a Split(Regex) + ByteLevel(use_regex=False) entry).
 PRE_TOKENIZERS = {
     "gpt-2": lambda: _GPT2_SPLIT,
     # llama.cpp splits every \p{N} alone before the GPT-2 regex; HF SmolLM2 ships the same.
@@ -452,6 +451,12 @@ PRE_TOKENIZERS = {
     "qwen2": lambda: pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    # Llama 3: digits in runs of up to three (qwen2 splits every digit).
+    "llama-bpe": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
             r"|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
 }

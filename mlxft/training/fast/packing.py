@@ -5,7 +5,7 @@ the rows of a micro-batch into a few bins (longest row first into the lightest b
 come out about equally long) and runs each bin as one sequence, with
 
 - a block-diagonal causal mask: a token sees only the earlier tokens of its own example, never
-  a token of another example packed into the same bin (tests/test_packing.py proves it);
+  a token of another example packed into the same bin (tests/training/fast/test_packing.py proves it);
 - per-token RoPE positions that restart at every example, applied by the attention's own rope
   module (same frequencies, scaling and layout) called at an array of positions;
 
