@@ -66,7 +66,7 @@ def main():
 @friendly
 def import_gguf_cmd(gguf_file, out_dir, dequantize):
     """Convert a GGUF file into an mlx-lm model folder."""
-    from mlxft.models.gguf import import_gguf  # lazy: CLI start-up
+    from mlxft.models.gguf_import import import_gguf  # lazy: CLI start-up
 
     out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
     click.echo(f"wrote {out}")

@@ -53,7 +53,9 @@ def _tiny_run(root: Path, family: str, data_dir: Path) -> Path:
     if family == "gemma3":
         from gguf_fixtures import write_tiny_gemma3
 
-        from mlxft.models.gguf import GEMMA_CHAT_TEMPLATE, import_gguf
+        from mlxft.models.gguf_families import GEMMA_CHAT_TEMPLATE
+
+        from mlxft.models.gguf_import import import_gguf
 
         gguf_path = root / "tiny-gemma3.gguf"
         root.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ def make_tiny_llama3(out: Path) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from mlxft.models.gguf import PRE_TOKENIZERS
+    from mlxft.models.gguf_families import PRE_TOKENIZERS
 
     out.mkdir(parents=True)
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}

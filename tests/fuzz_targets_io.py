@@ -334,7 +334,8 @@ def gguf_strategy():
 
 
 def run_gguf(data: bytes) -> Outcome:
-    from mlxft.models.gguf import gguf_metadata_summary, import_gguf
+    from mlxft.models.gguf import gguf_metadata_summary
+    from mlxft.models.gguf_import import import_gguf
 
     if os.environ.get("MLXFT_FUZZ_LAST"):  # keep the case on disk: a crash of the process itself leaves it there
         Path(os.environ["MLXFT_FUZZ_LAST"]).write_bytes(data)

@@ -29,7 +29,8 @@ from mlxft.errors import MlxftError
 from mlxft.evaluation.suites import load_suite, suite_examples
 from mlxft.export.gguf_write import family_of, gguf_base_name, unpermute_rows
 from mlxft.models.fuse import compare, greedy_continuation, held_out_conversations, sequence_logits
-from mlxft.models.gguf import import_gguf, read_gguf_header
+from mlxft.models.gguf_import import import_gguf
+from mlxft.models.gguf import read_gguf_header
 from mlxft.runs.run import Run
 
 # --quant -> (min greedy agreement, max |logit diff| / max |logit|), on the reply positions. Measured on

@@ -15,7 +15,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models
 
 from mlxft.errors import ModelError
-from mlxft.models.gguf import PRE_TOKENIZERS, read_gguf_model
+from mlxft.models.gguf_families import PRE_TOKENIZERS
+from mlxft.models.gguf import read_gguf_model
 
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
 _IGNORED = ("trim_offsets",)  # offsets only: no effect on the ids

@@ -3,7 +3,7 @@
     from mlxft.export.gguf_write import write_model_gguf, write_lora_gguf
     write_model_gguf(model, config, tokenizer_meta, "model.Q8_0.gguf", "q8_0")
 
-The per-family knowledge is the importer's table (``mlxft.models.gguf.ARCHITECTURES``) read
+The per-family knowledge is the importer's table (``mlxft.models.gguf_families.ARCHITECTURES``) read
 backwards: mlx-lm names -> llama.cpp names, llama's q/k rows permuted back into
 llama.cpp's rotary order, Gemma's +1 put back on every norm. Tensor data is encoded
 with the ``gguf`` package (llama.cpp's own Python writer and quantizers).
@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 
 from mlxft.errors import ModelError
-from mlxft.models.gguf import ARCHITECTURES
+from mlxft.models.gguf_families import ARCHITECTURES
 
 # mlx-lm model_type -> llama.cpp general.architecture (the families import-gguf reads back).
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}

@@ -11,7 +11,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load
 
 from mlxft.errors import ModelError
-from mlxft.models.gguf import import_gguf, read_gguf_header
+from mlxft.models.gguf_import import import_gguf
+from mlxft.models.gguf import read_gguf_header
 from mlxft.export.gguf_vocab import tokenizer_metadata
 from mlxft.export.gguf_write import (architecture_metadata, encode, family_of, gguf_base_name, lora_tensors, permute_rows,
                               unpermute_rows, write_lora_gguf, write_model_gguf)

@@ -7,7 +7,7 @@ import pytest
 from test_gotemplate import CASES, OLLAMA
 
 from mlxft.export.check import ExportError
-from mlxft.models.gguf import GEMMA_CHAT_TEMPLATE
+from mlxft.models.gguf_families import GEMMA_CHAT_TEMPLATE
 from mlxft.export.gotemplate import render
 from mlxft.export.modelfile import CHATML, GEMMA, LLAMA3, choose_family, modelfile_text, ollama_values
 

@@ -20,7 +20,8 @@ from mlxft.cli import main
 from mlxft.data.encode import prompt_ids
 from mlxft.export.run import ExportOptions, export_run
 from mlxft.export.check import ExportError
-from mlxft.models.gguf import import_gguf, read_gguf_header
+from mlxft.models.gguf_import import import_gguf
+from mlxft.models.gguf import read_gguf_header
 
 QUIET = dict(log=lambda *_: None)
 CHAT = [{"role": "system", "content": "Label the message."}, {"role": "user", "content": "beta x y z"}]

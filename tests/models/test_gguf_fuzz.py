@@ -32,7 +32,7 @@ def test_float64_metadata_imports_instead_of_crashing_the_process(tmp_path):
     raw, kvs, table, data = valid_gguf()
     path = tmp_path / "f64.gguf"
     path.write_bytes(gguf_bytes(_replace_kvs(kvs, [("general.some_float64", (12, 0.5))], set()), table, data=data))
-    code = ("import sys; from mlxft.models.gguf import import_gguf; "
+    code = ("import sys; from mlxft.models.gguf_import import import_gguf; "
             f"print(import_gguf({str(path)!r}, {str(tmp_path / 'out')!r}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])

@@ -24,7 +24,9 @@ from test_gguf import tiny_vocab
 
 from mlxft.models import load as models
 from mlxft.errors import ModelError
-from mlxft.models.gguf import _gemma3_config, import_gguf, read_gguf_header
+from mlxft.models.gguf_families import _gemma3_config
+from mlxft.models.gguf_import import import_gguf
+from mlxft.models.gguf import read_gguf_header
 from mlxft.models.licence import Licence, is_accepted, require_acceptance
 
 # --- a tiny gemma3 ---------------------------------------------------------------------
