@@ -40,6 +40,7 @@ from mlxft.evaluation.scorers import Example
 from mlxft.inference.batch import complete
 from mlxft.rank import size
 from mlxft.training.batches import EpochBatches
+from mlxft.training.fast.prefix import FrozenPrefixCache, array_offsets_work, grouped_hidden
 from mlxft.training.loss import has_sparse_head, lm_head
 from mlxft.training.objective import Objective
 from mlxft.training.rewards import Rewards, build_rewards
@@ -84,6 +85,32 @@ def token_logps(model, inputs: mx.array, targets: mx.array, idx: mx.array, spars
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[idx]
     return -nn.losses.cross_entropy(logits.astype(mx.float32), targets.reshape(-1)[idx])
+
+
+@dataclass
+class Rollout:
+    """A sampled batch as model inputs: G completions per prompt, their prompts shared (`prefixes`,
+    one per prompt: computed once per group) or in full rows; the completion tokens are the targets."""
+
+    inputs: mx.array  # (rows, S): completion rows after their prompt head, or whole rows
+    targets: mx.array
+    idx: mx.array  # flat positions of completion tokens
+    seq: mx.array  # each of those tokens' completion
+    adv: mx.array  # each of those tokens' advantage
+    n_seq: int
+    prefixes: list | None = None  # per prompt: FrozenPrefixCache entry (shared-prefix forward)
+    row_group: mx.array | None = None
+    offsets: mx.array | None = None
+
+
+def rollout_logps(model, r: Rollout, first: int, sparse: bool) -> mx.array:
+    """Log-probabilities of the completion tokens, through the grouped shared-prefix forward when
+    the rollout has prefixes (the same values as full rows, fp rounding aside)."""
+    if r.prefixes is None:
+        return token_logps(model, r.inputs, r.targets, r.idx, sparse)
+    h = grouped_hidden(model, first, r.prefixes, r.row_group, r.offsets, r.inputs)
+    logits = lm_head(model, h.reshape(-1, h.shape[-1])[r.idx])
+    return -nn.losses.cross_entropy(logits.astype(mx.float32), r.targets.reshape(-1)[r.idx])
 
 
 def grpo_loss(logp: mx.array, old: mx.array, ref: mx.array, adv: mx.array, seq: mx.array, n_seq: int,
@@ -160,6 +187,8 @@ class GRPO(Objective):
 
     def attach(self, model, paths):
         self.sparse = has_sparse_head(model, self.recipe.model.family)
+        # A group's completions share their prompt: run it once per group (fast/prefix.py), chosen once here.
+        self.frozen = FrozenPrefixCache(model) if paths.shared_prefix and array_offsets_work(model) else None
         self._value_and_grad = nn.value_and_grad(model, self._loss)
 
     def counts(self, items):
@@ -186,37 +215,49 @@ class GRPO(Objective):
 
     def loss_and_grad(self, model, items, batch):
         done, rewards, stats = self.sample(model, items)
-        g = self.cfg.num_generations
-        adv = group_advantages(rewards, g, self.cfg.loss)
-        prompts = [q.ids for q in items for _ in range(g)]
-        seqs = [p + c.token_ids for p, c in zip(prompts, done)]
-        width = max(len(s) for s in seqs) - 1
-        inputs = np.zeros((len(seqs), width), np.int32)
-        targets = np.zeros((len(seqs), width), np.int32)
-        idx, seq, per_adv = [], [], []
-        for i, (s, p) in enumerate(zip(seqs, prompts)):
-            inputs[i, : len(s) - 1], targets[i, : len(s) - 1] = s[:-1], s[1:]
-            positions = range(len(p) - 1, len(s) - 1)  # where the completion's tokens are the targets
-            idx += [i * width + k for k in positions]
-            seq += [i] * len(positions)
-            per_adv += [adv[i]] * len(positions)
-        arrays = (mx.array(inputs), mx.array(targets), mx.array(np.array(idx, np.int32)), mx.array(np.array(seq, np.int32)),
-                  mx.array(np.array(per_adv, np.float32)), len(seqs))
-        ref = mx.zeros(len(idx))
+        rollout = self.rollout(items, done, group_advantages(rewards, self.cfg.num_generations, self.cfg.loss))
+        ref = mx.zeros(rollout.idx.shape)
         if self.cfg.beta > 0:
             with adapters_off(model):
-                ref = mx.stop_gradient(token_logps(model, *arrays[:3], self.sparse))
-        (loss, loss_stats), grads = self._value_and_grad(model, *arrays, ref)
-        self._counts = (sum(len(s) - 1 for s in seqs), len(idx))
+                ref = mx.stop_gradient(self.logps(model, rollout))
+        (loss, loss_stats), grads = self._value_and_grad(model, rollout, ref)
         self._warn_if_flat(stats["no_signal"])
         stats = {**stats, "completion_length": np.mean([len(c.token_ids) for c in done])}
         return loss, grads, {**{k: mx.array(float(v)) for k, v in stats.items()}, **loss_stats}
 
-    def _loss(self, model, inputs, targets, idx, seq, adv, n_seq, ref):
-        logp = token_logps(model, inputs, targets, idx, self.sparse)
+    def rollout(self, items: list[Prompt], done: list, adv: np.ndarray) -> Rollout:
+        """The sampled completions as inputs: after their prompt's head (shared-prefix forward) or whole."""
+        g = self.cfg.num_generations
+        prompts = [q.ids for q in items for _ in range(g)]
+        heads = [len(p) - 1 if self.frozen is not None else 0 for p in prompts]  # the last prompt token predicts
+        seqs = [p + c.token_ids for p, c in zip(prompts, done)]
+        width = max(len(s) - 1 - k for s, k in zip(seqs, heads))
+        inputs = np.zeros((len(seqs), width), np.int32)
+        targets = np.zeros((len(seqs), width), np.int32)
+        idx, seq, per_adv = [], [], []
+        for i, (s, p, k) in enumerate(zip(seqs, prompts, heads)):
+            inputs[i, : len(s) - 1 - k], targets[i, : len(s) - 1 - k] = s[k:-1], s[k + 1:]
+            positions = range(len(p) - 1 - k, len(s) - 1 - k)  # where the completion's tokens are the targets
+            idx += [i * width + j for j in positions]
+            seq += [i] * len(positions)
+            per_adv += [adv[i]] * len(positions)
+        self._counts = (sum(len(s) - 1 for s in seqs), len(idx))
+        arrays = dict(inputs=mx.array(inputs), targets=mx.array(targets), idx=mx.array(np.array(idx, np.int32)),
+                      seq=mx.array(np.array(seq, np.int32)), adv=mx.array(np.array(per_adv, np.float32)), n_seq=len(seqs))
+        if self.frozen is None:
+            return Rollout(**arrays)
+        prefixes = [self.frozen.get(mx.array(np.array(q.ids[:-1], np.int32))[None]) for q in items]
+        return Rollout(**arrays, prefixes=prefixes, row_group=mx.array(np.repeat(np.arange(len(items)), g).astype(np.int32)),
+                       offsets=mx.array(np.array(heads, np.int32)))
+
+    def logps(self, model, rollout: Rollout) -> mx.array:
+        return rollout_logps(model, rollout, self.frozen.first if self.frozen is not None else 0, self.sparse)
+
+    def _loss(self, model, rollout, ref):
+        logp = self.logps(model, rollout)
         old = mx.stop_gradient(logp)  # the sampling policy: this very adapter (one step per sampled batch)
-        return grpo_loss(logp, old, ref, adv, seq, n_seq, self.cfg.epsilon, self.cfg.beta, self.cfg.loss,
-                         self.cfg.max_completion_length)
+        return grpo_loss(logp, old, ref, rollout.adv, rollout.seq, rollout.n_seq, self.cfg.epsilon, self.cfg.beta,
+                         self.cfg.loss, self.cfg.max_completion_length)
 
     def _warn_if_flat(self, share: float) -> None:
         self.flat_steps = self.flat_steps + 1 if share >= FLAT_SHARE else 0

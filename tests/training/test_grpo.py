@@ -209,3 +209,42 @@ def test_grpo_refuses_a_reward_it_cannot_build(tiny_model, prompt_data, tmp_path
               runs_root=tmp_path, **QUIET)
     with pytest.raises(ConfigError, match="at least one reward"):
         train(grpo_recipe(tiny_model, prompt_data, reward_functions=[]), runs_root=tmp_path, **QUIET)
+
+
+def test_the_shared_prompt_forward_gives_the_full_row_log_probs(tiny_model, prompt_data):
+    """A group's completions share their prompt, run once per group (grouped_hidden): the completion
+    tokens' log-probs and their gradients equal the full rows' (fp rounding aside)."""
+    from mlx_lm.utils import load
+
+    from mlxft.inference.batch import Completion
+    from mlxft.training.adapters import attach_adapters
+    from mlxft.training.fast.paths import speed_paths
+    from mlxft.training.grpo import GRPO, Prompt
+
+    recipe = grpo_recipe(tiny_model, prompt_data)
+    model, tok = load(str(tiny_model))
+    attach_adapters(model, recipe)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    rng = np.random.default_rng(1)
+    items = [Prompt(None, [1] + rng.integers(3, 200, n).tolist(), f"p{n}") for n in (9, 14)]
+    done = [Completion("", rng.integers(3, 200, k).tolist(), True) for k in (3, 7, 5, 2)]
+    obj = GRPO(recipe, items, [], None, tok)
+    obj.cfg.num_generations = 2
+    paths = speed_paths(recipe, model)
+    assert paths.shared_prefix
+    results = {}
+    for name in ("shared", "full"):
+        obj.attach(model, paths)
+        if name == "full":
+            obj.frozen = None
+        rollout = obj.rollout(items, done, np.array([1.0, -1.0, 0.5, -0.5]))
+        assert (rollout.prefixes is not None) == (name == "shared")
+        logps = obj.logps(model, rollout)
+        grads = nn.value_and_grad(model, lambda m: obj.logps(m, rollout).sum())(model)[1]
+        results[name] = (logps, dict(tree_flatten(grads)))
+    assert results["shared"][0].shape == (17,)
+    assert mx.allclose(results["shared"][0], results["full"][0], atol=1e-5).item()
+    for k, v in results["full"][1].items():
+        assert mx.allclose(results["shared"][1][k], v, atol=1e-5).item(), k
