@@ -25,22 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlxft  # noqa: E402,F401  (OpenBLAS before mlx)
 from mlxft.export.run import llamacpp  # noqa: E402
 from mlxft.data.encode import prompt_ids  # noqa: E402
-from mlxft.evaluation.evaluate import generate_batch  # noqa: E402
+from mlxft.inference.batch import generate_batch  # noqa: E402
 from mlxft.export.run import ExportOptions, export_run  # noqa: E402
-from mlxft.runs.run import RunDir  # noqa: E402
+from mlxft.models.load import load_run_base  # noqa: E402
+from mlxft.runs.run import Run  # noqa: E402
 from mlxft.evaluation.suites import load_suite, suite_examples  # noqa: E402
 
 
-def mlxft_replies(run: RunDir, examples, max_tokens: int) -> tuple[list[str], list[list[int]], float]:
-    from mlx_lm.tuner.utils import load_adapters
-
-    from mlxft.models.load import load_run_base
-
-    config = run.read_config()
-    base = load_run_base(config)
-    base.tokenizer._tokenizer.chat_template = config["chat_template"]
-    load_adapters(base.model, str(run.best_adapters))
-    base.model.eval()
+def mlxft_replies(run: Run, examples, max_tokens: int) -> tuple[list[str], list[list[int]], float]:
+    base = load_run_base(run, with_adapters=True)  # with the training chat template
     prompts = [prompt_ids(base.tokenizer, e.messages) for e in examples]
     tic = time.perf_counter()
     replies = generate_batch(base.model, base.tokenizer, prompts, max_tokens)
@@ -70,9 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     if not llamacpp.available():
         sys.exit(f"export bench: llama.cpp is not installed ({llamacpp.INSTALL})")
-    run = RunDir.open(args.run)
+    run = Run.open(args.run)
     suite = load_suite("commit-type")
-    examples = suite_examples(suite, run.read_config().get("system_prompt"))[: args.limit]
+    examples = suite_examples(suite, run.system_prompt)[: args.limit]
     exact = next(s.scorer for s in suite.scorers if s.name == "exact_match")
     work = Path(args.work or tempfile.mkdtemp(prefix="export-bench-"))
     results: dict = {"run": str(run.root), "prompts": len(examples), "exports": {}}

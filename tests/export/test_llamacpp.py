@@ -55,24 +55,21 @@ def test_llama_cpp_applies_the_lora_gguf_to_the_base_gguf(run, tmp_path):
 
 def test_llama_cpp_answers_like_mlxft_on_the_real_smollm2(tmp_path):
     """A short real fine-tune, exported f16: llama.cpp's greedy replies on commit-type prompts equal mlxft's."""
-    from mlx_lm.tuner.utils import load_adapters
 
-    from mlxft.evaluation.evaluate import generate_batch
+    from mlxft.inference.batch import generate_batch
     from mlxft.models.load import load_run_base
     from mlxft.recipes import load_recipe
-    from mlxft.runs.run import RunDir
+    from mlxft.runs.run import Run
     from mlxft.evaluation.suites import load_suite, suite_examples
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", overrides=["train.iters=16", "train.batch_size=4", "train.val_every=16",
                                                     "train.val_batches=1", "train.warmup_steps=2"])
     run = train(recipe, runs_root=tmp_path / "runs", log=lambda *_: None).run
     report = export_run(run.root, tmp_path / "out", ExportOptions(quant="f16"), **QUIET)
-    config = RunDir.open(run.root).read_config()
-    examples = suite_examples(load_suite("commit-type"), config["system_prompt"])[:16]
-    base = load_run_base(config)
-    base.tokenizer._tokenizer.chat_template = config["chat_template"]
-    load_adapters(base.model, str(run.best_adapters))
+    trained = Run.open(run.root)
+    examples = suite_examples(load_suite("commit-type"), trained.system_prompt)[:16]
+    base = load_run_base(trained, with_adapters=True)  # with the training chat template
     mine = generate_batch(base.model, base.tokenizer, [prompt_ids(base.tokenizer, e.messages) for e in examples], 8)
     llm = llamacpp.load(next(report.out.glob("*.gguf")))
     theirs = [llamacpp.chat_reply(llm, e.messages, 8) for e in examples]

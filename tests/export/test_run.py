@@ -176,7 +176,7 @@ def test_cli_export_prints_the_files_and_the_commands_to_run_them(tiny_data, tmp
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
     from mlxft.recipes import load_recipe
-    from mlxft.training.train import train
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", overrides=["train.iters=16", "train.batch_size=4", "train.val_every=16",
                                                     "train.val_batches=1", "train.warmup_steps=2"])
