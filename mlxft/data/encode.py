@@ -346,7 +346,6 @@ def load_tokenizer(source: str):
     """The tokenizer `load_base(source)` would give (with DEFAULT_CHAT_TEMPLATE when the model has none),
     without loading the weights. Returns (tokenizer, used_default_template)."""
 
-
     gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
     path = resolve_model(source, dequantize=("fp32" if backend() == "cpu" else "bf16") if gguf_like else None)
     try:

@@ -23,11 +23,14 @@ from typing import Callable
 
 from mlxft.config import GrpoConfig
 from mlxft.errors import ConfigError
+from mlxft.evaluation.judge import judge_pairs, mlx_judge
 from mlxft.evaluation.scorers import Example, ScorerParamError, make_scorer
-from mlxft.evaluation.suites import load_suite
+from mlxft.evaluation.suites import EVALS_DIR, load_suite
+from mlxft.models.load import load_base
 
 SPEC = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(=(?P<value>[^:]+))?(:(?P<weight>[-+]?[\d.eE+-]+))?$")
 LENGTH_REWARDS = ("max_words", "max_chars")
+JUDGE_TEMPLATE = "templates/pairwise.j2"  # evals/templates/: the rubric `mlxft eval`'s judge suites use
 
 
 @dataclass
@@ -96,7 +99,9 @@ def _parse(spec: str) -> tuple[str, str | None, float]:
 def _scorer_reward(spec: str, suite, base_dir: Path) -> Reward:
     name, value, weight = _parse(spec)
     if name in LENGTH_REWARDS:
-        return Reward(spec, weight, length_reward(name, _positive_int(value, name)))
+        return Reward(f"{name}={value}", weight, length_reward(name, _positive_int(value, name)))
+    if name == "judge":
+        return Reward("judge", weight, judge_reward(value, suite))
     named = {s.name: s.scorer for s in suite.scorers} if suite is not None else {}
     scorer = named.get(name)
     if scorer is None:
@@ -130,6 +135,30 @@ def length_reward(kind: str, limit: int) -> Callable:
         sizes = [len(c.split()) if kind == "max_words" else len(c) for c in completions]
         return [1.0 if n <= limit else max(0.0, 2.0 - n / limit) for n in sizes]
 
+    return score
+
+
+def judge_reward(source: str | None, suite) -> Callable:
+    """A local LLM judge (optional, slow: a forward pass per completion and order): each completion
+    against the prompt's reference, judged pairwise in both orders as `mlxft eval`'s judge suites do;
+    the reward is the completion's points (1 better, 0.5 tie or split, 0 worse). `source`: the judge
+    model (builtin:, a folder, .gguf, hub id); the rubric is the suite's judge scorer's, else
+    evals/templates/pairwise.j2."""
+    if not source:
+        raise ValueError("judge=MODEL names the judge model, e.g. judge=builtin:smollm2-135m-instruct")
+    scorers = [s.scorer for s in suite.scorers if s.scorer.type == "judge"] if suite is not None else []
+    rubric = scorers[0] if scorers else make_scorer("judge", {"model": source, "template": JUDGE_TEMPLATE}, EVALS_DIR)
+    judge = {}
+
+    def score(completions, examples):
+        if not judge:  # loaded on first use: a run whose rewards never reach it pays nothing
+            base = load_base(source, None, training=False)
+            judge["fn"] = mlx_judge(base.model, base.tokenizer)
+        references = [e.reference or "" for e in examples]
+        # judge_pairs scores its second list against its first: completions against the references.
+        return [float(v) for v in judge_pairs(rubric, judge["fn"], examples, references, completions).per_example]
+
+    score.needs_reference = True
     return score
 
 
