@@ -32,22 +32,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.models import families
-from mlxft.training.fast.prefix import SharedPrefixLoss, shared_hidden
+from mlxft.training.fast.prefix import SharedPrefixLoss, shared_hidden, supports_shared_prefix
 from mlxft.training.loss import supervised_loss
 
 
 def supports_packing(model: nn.Module, family: str) -> bool:
-    """True where the blocks can be driven one by one with an explicit mask and a swappable rope."""
-    inner = getattr(model, "model", None)
-    if family not in families.PACKING or inner is None:
+    """True where the blocks can be driven one by one (as the shared prefix needs) with an explicit
+    mask and a swappable rope."""
+    if family not in families.PACKING or not supports_shared_prefix(model, family):
         return False
-    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")):
-        return False
-    return all(
-        isinstance(getattr(getattr(layer, "self_attn", None), "rope", None), nn.Module)
-        and not getattr(layer, "use_sliding", False)
-        for layer in inner.layers
-    )
+    return all(isinstance(getattr(getattr(layer, "self_attn", None), "rope", None), nn.Module)
+               for layer in model.model.layers)
 
 
 # ---------------------------------------------------------------- layout

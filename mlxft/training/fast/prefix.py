@@ -73,6 +73,8 @@ class _Prefixed:
 
 
 def supports_shared_prefix(model: nn.Module, family: str) -> bool:
+    """True where the family's blocks take mlx-lm's cache protocol and can be driven one by one
+    (embeddings, blocks, final norm; no sliding-window layers)."""
     inner = getattr(model, "model", None)
     if family not in families.SHARED_PREFIX or inner is None:
         return False
