@@ -159,6 +159,13 @@ def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
     out = CliRunner().invoke(main, ["data", "check", str(bad), "--recipe", str(grpo)])
     assert out.exit_code == 1 and "bad.jsonl:1: error: prompt must be a string" in out.output
     assert "Traceback" not in out.output
+    routed = tmp_path / "routed.jsonl"  # a row's own rewards (GRPO row_rewards): kept, and linted
+    routed.write_text(json.dumps({"prompt": "q", "rewards": ["refusal"]}) + "\n"
+                      + json.dumps({"prompt": "q", "rewards": "refusal"}) + "\n")
+    ds = load_dataset(routed)
+    assert ds.splits["data"][0].row["rewards"] == ["refusal"]
+    assert [(p.where, p.message) for p in ds.problems] == [
+        (f"{routed}:2", 'rewards must be a non-empty list of reward names, got "refusal"')]
 
 NO_ROWS = {  # file content -> the reason every entry point must give
     "header.csv": (b"prompt,completion\n", "only a header line (columns: prompt, completion)"),
