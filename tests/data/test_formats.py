@@ -152,6 +152,10 @@ def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
                     "grpo: {rewards: [exact_match]}\nlora: {targets: [self_attn.q_proj], num_layers: 2}\n")
     ok = CliRunner().invoke(main, ["data", "check", str(src), "--recipe", str(grpo)])
     assert ok.exit_code == 0, ok.output
+    prepared = CliRunner().invoke(main, ["data", "prepare", str(src), str(tmp_path / "out"), "--recipe", str(grpo)])
+    assert prepared.exit_code == 0, prepared.output
+    out_rows = [json.loads(line) for s in ("train", "valid", "test") for line in (tmp_path / "out" / f"{s}.jsonl").open()]
+    assert sorted(r["reference"] for r in out_rows) == sorted(r["reference"] for r in rows)
     sft = CliRunner().invoke(main, ["data", "check", str(src), "--model", str(tiny_model)])
     assert sft.exit_code == 1 and "prompts.jsonl:1: error: conversation has no assistant turn" in sft.output
     bad = tmp_path / "bad.jsonl"
