@@ -281,7 +281,7 @@ def test_the_demo_prompts_are_reproducible_and_keep_the_safety_suite_held_out(tm
     eval_goals = {goal for _, goal in safety.GOALS}
     rows = {s: [json.loads(line) for line in (demo / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "valid")}
     harmful = [r for s in rows.values() for r in s if "rewards" in r]
-    assert len(harmful) == 80 and not {r["prompt"] for r in harmful} & eval_requests
+    assert len(harmful) == 150 and not {r["prompt"] for r in harmful} & eval_requests
     assert not any(goal in r["prompt"] for r in harmful for goal in eval_goals)
     assert sum("rewards" in r for r in rows["valid"][:16]) == 4  # the validated prompts include refusals
     assert recipe.data.path == "datasets/house-style-grpo" and recipe.lora.dropout == 0.0
