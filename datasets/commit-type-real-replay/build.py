@@ -1,0 +1,76 @@
+"""Build the default training data: real commit subjects + replay rows (+ optional template rows).
+
+Run it from the repository root (standard library only, seconds, no model needed):
+
+    python datasets/commit-type-real-replay/build.py [--synthetic 0] [--seed 0] [--out datasets/commit-type-real-replay]
+    mlxft train smollm2-135m --compare        # the default recipe trains on this folder
+
+train.jsonl = datasets/commit-type-real/train.jsonl (mined from 21 repositories)
+            + the 139 replay rows of datasets/commit-type-replay (everyday questions answered by the
+              base SmolLM2 itself, refusals of harmful requests; they keep general ability and
+              safety, see that folder's build.py, which made them with the model)
+            + `--synthetic N` rows drawn (seeded) from the template generator's datasets/commit-type
+              train split (0 by default: measured, they did not help on held-out repositories),
+shuffled (seeded). valid.jsonl / test.jsonl are datasets/commit-type-real's: repositories that
+train never saw (valid: 2 repositories, test: 6 others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = ROOT / "datasets" / "commit-type-real"
+REPLAY = ROOT / "datasets" / "commit-type-replay"
+SYNTHETIC = ROOT / "datasets" / "commit-type"
+TASK_SYSTEM = ("Classify the git commit message. Reply with exactly one label: "
+               "feat, fix, docs, refactor, test, perf, build, ci, chore or style.")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object a line, written to a temporary file and renamed (never half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def replay_rows() -> list[dict]:
+    """The rows of commit-type-replay that are not commit-type rows (their system prompt is another)."""
+    return [r for r in read_jsonl(REPLAY / "train.jsonl") if r["messages"][0]["content"] != TASK_SYSTEM]
+
+
+def build(synthetic: int, seed: int) -> dict[str, list[dict]]:
+    real = read_jsonl(REAL / "train.jsonl")
+    templated = random.Random(seed).sample(read_jsonl(SYNTHETIC / "train.jsonl"), synthetic) if synthetic else []
+    train = real + replay_rows() + templated
+    random.Random(seed).shuffle(train)
+    return {"train": train, "valid": read_jsonl(REAL / "valid.jsonl"), "test": read_jsonl(REAL / "test.jsonl")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", type=int, default=0, help="template-generator rows to add (at most 900)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = build(args.synthetic, args.seed)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    print(f"train: {len(splits['train'])} rows ({len(replay_rows())} replay, {args.synthetic} template rows); "
+          f"valid {len(splits['valid'])}, test {len(splits['test'])}")
+
+
+if __name__ == "__main__":
+    main()
