@@ -278,6 +278,15 @@ def handwritten_keys(root: Path) -> set[str]:
     return {subject_key(r["messages"][1]["content"]) for r in rows}
 
 
+def reader_labels(folder: Path) -> dict[str, str]:
+    """Subject -> the label a careful reader gave it blind (reader-labels.jsonl; see README)."""
+    path = folder / "reader-labels.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["subject"]: r["label"] for r in rows}
+
+
 def manifest(repos, mined, dropped, read, splits, noise_report, seed) -> dict:
     per_repo = []
     for repo in repos:
@@ -312,7 +321,8 @@ def main() -> None:
         print(f"{repo.name:50s} {repo.split:5s} {read[repo.name]:6d} commits, {len(mined[repo.name]):6d} usable")
     pool = [c for repo in REPOS for c in mined[repo.name]]
     splits = build_splits(pool, REPOS, args.seed, exclude_keys=handwritten_keys(root))
-    noise_report = noise.measure(pool, splits["test"], subject_key, LABELS, train=splits["train"])
+    noise_report = noise.measure(pool, splits["test"], subject_key, LABELS, train=splits["train"],
+                                 reader=reader_labels(out), valid=splits["valid"])
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", [to_row(c) for c in rows])
     report = manifest(REPOS, mined, dropped, read, splits, noise_report, args.seed)

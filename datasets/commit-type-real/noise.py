@@ -119,11 +119,24 @@ def naive_bayes(train, test, labels) -> float:
     return round(right / len(test), 4)
 
 
+def reader_agreement(rows, reader: dict[str, str], labels) -> dict:
+    """How often a careful reader who saw only the subject (reader-labels.jsonl, labelled blind,
+    before looking at the authors' labels) chose the authors' label: a practical ceiling."""
+    seen = [c for c in rows if c.text in reader]
+    per_label = {lab: [0, 0] for lab in labels}
+    for c in seen:
+        per_label[c.label][0] += reader[c.text] == c.label
+        per_label[c.label][1] += 1
+    right = sum(n for n, _ in per_label.values())
+    return {"rows": len(seen), "of": len(rows), "agreement": round(right / len(seen), 4) if seen else None,
+            "per_label": {lab: f"{n}/{total}" for lab, (n, total) in per_label.items()}}
+
+
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
-def measure(pool, test, subject_key, labels, train=None) -> dict:
+def measure(pool, test, subject_key, labels, train=None, reader=None, valid=None) -> dict:
     """The label-noise report mine.py writes into manifest.json."""
     report = {}
     for name, key_fn in (("exact", subject_key), ("near", near_key)):
@@ -131,4 +144,8 @@ def measure(pool, test, subject_key, labels, train=None) -> dict:
         report[name] = {"cross_repo": cross_repo(groups), "test": ceiling(groups, test, key_fn)}
     if train is not None:
         report["naive_bayes_train_to_test"] = naive_bayes(train, test, labels)
+    if reader:
+        report["reader"] = {"test": reader_agreement(test, reader, labels)}
+        if valid is not None:
+            report["reader"]["valid"] = reader_agreement(valid, reader, labels)
     return report
