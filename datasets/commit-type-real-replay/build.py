@@ -49,23 +49,24 @@ def replay_rows() -> list[dict]:
     return [r for r in read_jsonl(REPLAY / "train.jsonl") if r["messages"][0]["content"] != TASK_SYSTEM]
 
 
-def build(synthetic: int, seed: int) -> dict[str, list[dict]]:
-    real = read_jsonl(REAL / "train.jsonl")
+def build(synthetic: int, seed: int, real_dir: Path = REAL) -> dict[str, list[dict]]:
+    real = read_jsonl(real_dir / "train.jsonl")
     templated = random.Random(seed).sample(read_jsonl(SYNTHETIC / "train.jsonl"), synthetic) if synthetic else []
     train = real + replay_rows() + templated
     random.Random(seed).shuffle(train)
-    return {"train": train, "valid": read_jsonl(REAL / "valid.jsonl"), "test": read_jsonl(REAL / "test.jsonl")}
+    return {"train": train, "valid": read_jsonl(real_dir / "valid.jsonl"), "test": read_jsonl(real_dir / "test.jsonl")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synthetic", type=int, default=0, help="template-generator rows to add (at most 900)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", default=str(REAL), help="the mined rows (mine.py's output folder)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = build(args.synthetic, args.seed)
+    splits = build(args.synthetic, args.seed, Path(args.real))
     for name, rows in splits.items():
         write_jsonl(out / f"{name}.jsonl", rows)
     print(f"train: {len(splits['train'])} rows ({len(replay_rows())} replay, {args.synthetic} template rows); "

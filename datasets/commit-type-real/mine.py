@@ -287,7 +287,7 @@ def reader_labels(folder: Path) -> dict[str, str]:
     return {r["subject"]: r["label"] for r in rows}
 
 
-def manifest(repos, mined, dropped, read, splits, noise_report, seed) -> dict:
+def manifest(repos, mined, dropped, read, splits, noise_report, seed, caps) -> dict:
     per_repo = []
     for repo in repos:
         commits = mined[repo.name]
@@ -299,7 +299,7 @@ def manifest(repos, mined, dropped, read, splits, noise_report, seed) -> dict:
                          "usable": len(commits), "rows": kept,
                          "labels_usable": dict(collections.Counter(c.label for c in commits).most_common()),
                          "dropped": dict(dropped[repo.name].most_common())})
-    return {"seed": seed, "caps_per_label": CAPS, "system_prompt": SYSTEM_PROMPT, "labels": list(LABELS),
+    return {"seed": seed, "caps_per_label": caps, "system_prompt": SYSTEM_PROMPT, "labels": list(LABELS),
             "rows": {s: len(rows) for s, rows in splits.items()},
             "rows_per_label": {s: {lab: sum(c.label == lab for c in rows) for lab in LABELS}
                                for s, rows in splits.items()},
@@ -311,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mirrors", required=True, help="folder holding <owner>+<name>/repo git directories")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-label", type=int, default=CAPS["train"], help="train rows per label at most")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args()
     root, out = Path(__file__).resolve().parents[2], Path(args.out)
@@ -320,12 +321,13 @@ def main() -> None:
         mined[repo.name], dropped[repo.name], read[repo.name] = mine_repo(repo, git_dir)
         print(f"{repo.name:50s} {repo.split:5s} {read[repo.name]:6d} commits, {len(mined[repo.name]):6d} usable")
     pool = [c for repo in REPOS for c in mined[repo.name]]
-    splits = build_splits(pool, REPOS, args.seed, exclude_keys=handwritten_keys(root))
+    caps = {**CAPS, "train": args.train_per_label}
+    splits = build_splits(pool, REPOS, args.seed, caps, exclude_keys=handwritten_keys(root))
     noise_report = noise.measure(pool, splits["test"], subject_key, LABELS, train=splits["train"],
                                  reader=reader_labels(out), valid=splits["valid"])
     for split, rows in splits.items():
         write_jsonl(out / f"{split}.jsonl", [to_row(c) for c in rows])
-    report = manifest(REPOS, mined, dropped, read, splits, noise_report, args.seed)
+    report = manifest(REPOS, mined, dropped, read, splits, noise_report, args.seed, caps)
     (out / "manifest.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for split, counts in report["rows_per_label"].items():
         print(f"{split}: {len(splits[split])} rows {counts}")
