@@ -49,8 +49,20 @@ def replay_rows() -> list[dict]:
     return [r for r in read_jsonl(REPLAY / "train.jsonl") if r["messages"][0]["content"] != TASK_SYSTEM]
 
 
-def build(synthetic: int, seed: int, real_dir: Path = REAL) -> dict[str, list[dict]]:
-    real = read_jsonl(real_dir / "train.jsonl")
+def first_per_label(rows: list[dict], per_label: int) -> list[dict]:
+    """The first `per_label` rows of each label, in file order (the file is already shuffled, seeded)."""
+    taken: dict[str, int] = {}
+    out = []
+    for row in rows:
+        label = row["messages"][-1]["content"]
+        if taken.get(label, 0) < per_label:
+            taken[label] = taken.get(label, 0) + 1
+            out.append(row)
+    return out
+
+
+def build(synthetic: int, seed: int, real_dir: Path = REAL, real_per_label: int = 40) -> dict[str, list[dict]]:
+    real = first_per_label(read_jsonl(real_dir / "train.jsonl"), real_per_label)
     templated = random.Random(seed).sample(read_jsonl(SYNTHETIC / "train.jsonl"), synthetic) if synthetic else []
     train = real + replay_rows() + templated
     random.Random(seed).shuffle(train)
@@ -59,17 +71,19 @@ def build(synthetic: int, seed: int, real_dir: Path = REAL) -> dict[str, list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--synthetic", type=int, default=0, help="template-generator rows to add (at most 900)")
+    parser.add_argument("--real-per-label", type=int, default=40, help="mined rows per label (at most 160)")
+    parser.add_argument("--synthetic", type=int, default=900, help="template-generator rows to add (at most 900)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default=str(REAL), help="the mined rows (mine.py's output folder)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = build(args.synthetic, args.seed, Path(args.real))
+    splits = build(args.synthetic, args.seed, Path(args.real), args.real_per_label)
     for name, rows in splits.items():
         write_jsonl(out / f"{name}.jsonl", rows)
-    print(f"train: {len(splits['train'])} rows ({len(replay_rows())} replay, {args.synthetic} template rows); "
+    print(f"train: {len(splits['train'])} rows ({10 * args.real_per_label} mined, {len(replay_rows())} replay, "
+          f"{args.synthetic} template rows); "
           f"valid {len(splits['valid'])}, test {len(splits['test'])}")
 
 
