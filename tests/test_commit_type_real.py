@@ -254,14 +254,30 @@ def test_mine_repo_reads_a_real_git_history(tmp_path):
 # ------------------------------------------------------------------ the default training mix
 
 
-def test_default_mix_is_real_rows_plus_replay():
+def test_default_mix_is_mined_template_and_replay_rows():
     build = _load("commit_type_real_replay_build", MIX / "build.py")
     train = _read(MIX / "train.jsonl")
-    real = _read(DATA / "train.jsonl")
+    mined = _read(DATA / "train.jsonl")
+    templated = _read(ROOT / "datasets" / "commit-type" / "train.jsonl")
     replay = build.replay_rows()
     assert len(replay) == 139 and all(r["messages"][0]["content"] != mine.SYSTEM_PROMPT for r in replay)
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
-    assert sorted(map(key, train)) == sorted(map(key, real + replay))
-    for split in ("valid", "test"):
+    chosen = build.first_per_label(mined, 40)
+    assert collections.Counter(_label(r) for r in chosen) == {label: 40 for label in LABELS}
+    assert sorted(map(key, train)) == sorted(map(key, chosen + replay + templated))
+    for split in ("valid", "test"):  # held-out repositories, never the template generator's rows
         assert (MIX / f"{split}.jsonl").read_bytes() == (DATA / f"{split}.jsonl").read_bytes()
-    assert build.build(synthetic=0, seed=0)["train"] == train  # the committed file is what build.py makes
+    assert build.build(synthetic=900, seed=0) == {"train": train, "valid": _read(DATA / "valid.jsonl"),
+                                                  "test": _read(DATA / "test.jsonl")}  # what build.py makes
+
+
+def test_default_recipe_reports_the_heldout_repositories():
+    sys.path.insert(0, str(ROOT))
+    from mlxft.recipes import load_recipe
+    from mlxft.suites import load_suite
+
+    recipe = load_recipe("smollm2-135m")
+    assert recipe.data.path == "datasets/commit-type-real-replay"
+    assert recipe.eval.suites[:2] == ["commit-type-heldout-repos", "commit-type-handwritten"]
+    suite = load_suite("commit-type-heldout-repos")
+    assert suite.data.resolve() == (DATA / "test.jsonl").resolve()

@@ -74,8 +74,8 @@ def test_recipes_demo_the_commit_type_task(name):
         pytest.skip("a preference recipe: its demo is datasets/house-style (tests/test_preference.py)")
     if recipe.data.path == "datasets/structured":
         pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
-    # the default trains on commit-type plus replay rows that keep general ability and safety
-    assert recipe.data.path == ("datasets/commit-type-replay" if name == "smollm2-135m" else "datasets/commit-type")
+    # the default trains on real commit subjects + template rows + replay rows that keep general ability and safety
+    assert recipe.data.path == ("datasets/commit-type-real-replay" if name == "smollm2-135m" else "datasets/commit-type")
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT
     assert recipe.eval.max_tokens == 8
 
