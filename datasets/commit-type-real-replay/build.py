@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -44,9 +45,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def replay_rows() -> list[dict]:
-    """The rows of commit-type-replay that are not commit-type rows (their system prompt is another)."""
-    return [r for r in read_jsonl(REPLAY / "train.jsonl") if r["messages"][0]["content"] != TASK_SYSTEM]
+def replay_rows(sentences: int | None = None) -> list[dict]:
+    """The rows of commit-type-replay that are not commit-type rows (their system prompt is another),
+    each answer cut after its first `sentences` sentences (None: whole)."""
+    rows = [r for r in read_jsonl(REPLAY / "train.jsonl") if r["messages"][0]["content"] != TASK_SYSTEM]
+    if sentences is None:
+        return rows
+    return [{"messages": [*r["messages"][:-1], {"role": "assistant",
+                                                 "content": first_sentences(r["messages"][-1]["content"], sentences)}]}
+            for r in rows]
+
+
+def first_sentences(text: str, count: int) -> str:
+    """The text up to the end of its `count`-th sentence ('. ', '! ', '? '), or all of it."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", text)]
+    return text[: ends[count - 1]] if len(ends) >= count else text
 
 
 def first_per_label(rows: list[dict], per_label: int) -> list[dict]:
@@ -61,10 +74,11 @@ def first_per_label(rows: list[dict], per_label: int) -> list[dict]:
     return out
 
 
-def build(synthetic: int, seed: int, real_dir: Path = REAL, real_per_label: int = 40) -> dict[str, list[dict]]:
+def build(synthetic: int, seed: int, real_dir: Path = REAL, real_per_label: int = 40,
+          replay_sentences: int | None = None) -> dict[str, list[dict]]:
     real = first_per_label(read_jsonl(real_dir / "train.jsonl"), real_per_label)
     templated = random.Random(seed).sample(read_jsonl(SYNTHETIC / "train.jsonl"), synthetic) if synthetic else []
-    train = real + replay_rows() + templated
+    train = real + replay_rows(replay_sentences) + templated
     random.Random(seed).shuffle(train)
     return {"train": train, "valid": read_jsonl(real_dir / "valid.jsonl"), "test": read_jsonl(real_dir / "test.jsonl")}
 
@@ -73,13 +87,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-per-label", type=int, default=40, help="mined rows per label (at most 160)")
     parser.add_argument("--synthetic", type=int, default=900, help="template-generator rows to add (at most 900)")
+    parser.add_argument("--replay-sentences", type=int, default=None,
+                        help="cut each replay answer after this many sentences (default: whole answers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default=str(REAL), help="the mined rows (mine.py's output folder)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = build(args.synthetic, args.seed, Path(args.real), args.real_per_label)
+    splits = build(args.synthetic, args.seed, Path(args.real), args.real_per_label, args.replay_sentences)
     for name, rows in splits.items():
         write_jsonl(out / f"{name}.jsonl", rows)
     print(f"train: {len(splits['train'])} rows ({10 * args.real_per_label} mined, {len(replay_rows())} replay, "
