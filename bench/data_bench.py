@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
-from mlxft.lint import check_path, recipe_and_tokenizer
-from mlxft.prepare import prepare_dataset
+from mlxft.data.check import check_path, recipe_and_tokenizer
+from mlxft.data.prepare import prepare_dataset
 
 WORDS = ("fix bump add refactor parser cache docs test build release memory leak crash flaky "
          "endpoint config typo speed retry timeout logging schema migrate").split()

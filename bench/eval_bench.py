@@ -6,7 +6,7 @@ Greedy replies (max 8 tokens, as the commit-type suite) to an evenly spaced subs
 the commit-type test split, three ways, alternating so machine noise hits all of them:
   one-at-a-time   mlx-lm's generate() per prompt (what a simple eval loop does)
   batched         mlx-lm's batch_generate, all prompts prefilled and decoded together
-  batched+prefix  mlxft.evaluate.generate_batch: batched, the shared prompt head computed once
+  batched+prefix  mlxft.evaluation.evaluate.generate_batch: batched, the shared prompt head computed once
 Prints seconds, prompts/s, the ratios to one-at-a-time, and how many replies agree with it.
 Exit 1 when the eval path (batched+prefix) is under --min-ratio x one-at-a-time.
 """
@@ -20,10 +20,10 @@ import time
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 
-from mlxft.data import prompt_ids
-from mlxft.evaluate import generate_batch
-from mlxft.models import load_base
-from mlxft.suites import load_suite, suite_examples
+from mlxft.data.encode import prompt_ids
+from mlxft.inference.batch import generate_batch
+from mlxft.models.load import load_base
+from mlxft.evaluation.suites import load_suite, suite_examples
 
 
 def one_at_a_time(model, tokenizer, prompts, max_tokens):

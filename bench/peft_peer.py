@@ -9,7 +9,7 @@ scale (peft's lora_alpha = scale x rank), dropout and targets on the last `lora.
 blocks only (peft's layers_to_transform), and torch's AdamW taking mlxft's AdamW steps (the
 recipe's learning rate and schedule, mlx's missing bias correction, gradient clipping, weight
 decay). The rows, their token masks and the batches are mlxft's own (encode_rows, and its
-loop's _next_batch), so every step sees the same rows as mlxft's step of the same index;
+loop's batch stream, mlxft.training.batches), so every step sees the same rows as mlxft's step of the same index;
 batches are right-padded, labels -100 outside the supervised positions.
 Timing and counts follow the other peers: the first reporting window is dropped as warm-up;
 supervised tokens are the answer's tokens and its end-of-turn token (mlxft's mask).
@@ -69,44 +69,27 @@ def pad_batch(rows) -> dict:
     }
 
 
-class _BatchSource:
-    """What mlxft.train._next_batch reads of a training Session: the peer draws its batches
-    through mlxft's own function, so it follows mlxft's order whatever that order becomes."""
-
-    def __init__(self, recipe, rows, shared_prefix: bool):
-        self.recipe, self.train_set, self.order, self.order_epoch = recipe, rows, [], -1
-        # mlxft draws a batch from one system prompt where its shared-prefix forward runs
-        self.shared = object() if shared_prefix else None
-
-
-def mlxft_uses_shared_prefix(recipe) -> bool:
-    """Whether `mlxft train` runs this recipe through its shared-prefix forward (which changes
-    how it groups rows into batches). mlxft also refuses sliding-window models; the families
-    it accepts have none."""
-    from mlxft.prefix import SHARED_PREFIX_FAMILIES
-
-    t = recipe.train
-    return bool(t.shared_prefix and not t.grad_checkpoint and recipe.model.family in SHARED_PREFIX_FAMILIES)
-
-
 def mlxft_batches(model: Path, recipe, data_dir: Path, iters: int) -> list[dict]:
     """The first `iters` padded training batches `mlxft train RECIPE --model MODEL` takes."""
-    from mlxft.checkpoint import Progress
-    from mlxft.data import encode_rows, load_splits, load_tokenizer
-    from mlxft.train import _next_batch
+    from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
+    from mlxft.training.batches import EpochBatches
+    from mlxft.training.fast.paths import speed_paths
+    from mlxft.training.progress import Progress
 
     t = recipe.train
     tokenizer, _ = load_tokenizer(str(model))
     rows = encode_rows(tokenizer, load_splits(data_dir, ("train",))["train"], recipe.data.system_prompt, t.max_seq_length)
     if len(rows) < t.batch_size:
         raise SystemExit(f"{data_dir}: {len(rows)} training rows, fewer than batch_size={t.batch_size}")
-    source, progress = _BatchSource(recipe, rows, mlxft_uses_shared_prefix(recipe)), Progress()
-    return [pad_batch(_next_batch(source, progress)) for _ in range(iters)]
+    # The peer draws its batches through mlxft's own batch stream, so it follows mlxft's order
+    # whatever that order becomes (grouped by system prompt where mlxft's speed paths say so).
+    batches, progress = EpochBatches(rows, t, grouped=speed_paths(recipe).grouped_batches), Progress()
+    return [pad_batch(batches.next(progress)) for _ in range(iters)]
 
 
 def learning_rates(recipe, iters: int) -> list[float]:
     """mlxft's learning rate for each of `iters` steps (its own schedule, evaluated once)."""
-    from mlxft.train import build_schedule
+    from mlxft.training.adapters import build_schedule
 
     schedule = build_schedule(recipe, iters)
     return [float(schedule(k).item()) for k in range(iters)]
@@ -272,7 +255,7 @@ def main() -> None:
     })
     text = json.dumps(result, indent=1)
     if args.out:
-        from mlxft.runs import write_atomic
+        from mlxft.files import write_atomic
 
         write_atomic(Path(args.out), text)
     else:

@@ -42,7 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from mlxft.runs import write_atomic
+from mlxft.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -73,13 +73,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from train_bench import machine
-    from mlxft.data import encode_rows, load_splits
-    from mlxft.fastmath import fast_activations
-    from mlxft.models import load_base
-    from mlxft.packing import PackedLoss
-    from mlxft.prefix import SharedPrefixLoss
+    from mlxft.data.encode import encode_rows, load_splits
+    from mlxft.training.fast.fastmath import fast_activations
+    from mlxft.models.load import load_base
+    from mlxft.training.fast.packing import PackedLoss
+    from mlxft.training.fast.prefix import SharedPrefixLoss
     from mlxft.recipes import load_recipe
-    from mlxft.train import attach_adapters, batch_order, collate, lm_head, make_loss, prefix_groups
+    from mlxft.training.adapters import attach_adapters
+    from mlxft.training.batches import batch_order, prefix_groups
+    from mlxft.training.sft import collate, make_loss
+    from mlxft.training.loss import lm_head
 
     r = load_recipe("smollm2-135m", tier=8)
     t = r.train

@@ -38,8 +38,8 @@ import numpy as np
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlxft.plan import STEP_EFFICIENCY
-from mlxft.runs import write_atomic
+from mlxft.training.plan import STEP_EFFICIENCY
+from mlxft.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "smollm2-135m"
@@ -94,7 +94,7 @@ finally:
 
 
 def base_folder() -> Path:
-    from mlxft.models import resolve_model
+    from mlxft.models.load import resolve_model
 
     return resolve_model("builtin:smollm2-135m-instruct", dequantize="fp32")
 
@@ -181,23 +181,24 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
 def mlxft_batches() -> tuple[list, list]:
     """(encoded train rows, mlxft train's epoch-0 batches of the default recipe as row indices =
     train.jsonl lines); read once per bench run, for mlx_lm.lora's batches and the FLOP count."""
-    from mlxft.plan import _encoded_rows
+    from mlxft.training.plan import _encoded_rows
     from mlxft.recipes import load_recipe
-    from mlxft.train import epoch_order
+    from mlxft.training.batches import EpochBatches
+    from mlxft.training.fast.paths import speed_paths
 
     r = load_recipe(RECIPE, tier=8)
     # The plan's cached encoding (its tokenizer alone, no weights): step_flops' epoch_batches reuses it.
     rows = _encoded_rows(r.model.source, str(ROOT / r.data.path), r.data.system_prompt, r.train.max_seq_length)
-    return rows, epoch_order(rows, r.train, 0, shared=r.train.shared_prefix)  # the default runs the shared-prefix forward
+    return rows, EpochBatches(rows, r.train, grouped=speed_paths(r).grouped_batches).order(0)
 
 
 def step_flops(iters: int) -> tuple[float, float]:
     """(executed, full-row) matmul FLOPs per step, averaged over mlxft's timed steps, by the model
-    `mlxft plan` uses for its speed estimate (mlxft.plan.step_flops): executed = the shared-prefix
+    `mlxft plan` uses for its speed estimate (mlxft.training.plan.step_flops): executed = the shared-prefix
     path as run (suffix rows, padding included, through all blocks; the prefix once through the
     trainable blocks; frozen prefix cached); full-row = what the plain path needs for the same rows.
     """
-    from mlxft.plan import Batch, epoch_batches, shape_of, step_flops as batch_flops
+    from mlxft.training.plan import Batch, epoch_batches, shape_of, step_flops as batch_flops
     from mlxft.recipes import load_recipe
 
     r = load_recipe(RECIPE, tier=8)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
 import mlxft
+
 from mlxft.errors import MlxftError
 
 
@@ -63,9 +66,7 @@ def main():
 @friendly
 def import_gguf_cmd(gguf_file, out_dir, dequantize):
     """Convert a GGUF file into an mlx-lm model folder."""
-    from pathlib import Path
-
-    from mlxft.gguf import import_gguf
+    from mlxft.models.gguf_import import import_gguf  # lazy: CLI start-up
 
     out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
     click.echo(f"wrote {out}")
@@ -83,8 +84,10 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
               help="After training, score base vs adapter on the recipe's eval suites; exit 1 when a gate fails.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN",
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
-@click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
-              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs.")
+@click.option("--method", type=click.Choice(["sft", "dpo", "orpo", "grpo"]), default=None,
+              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs, grpo prompts.")
+@click.option("--reward", "reward_functions", multiple=True, metavar="FILE.py:FN[:W]",
+              help="GRPO: add a reward function fn(completion, example) -> float (repeatable).")
 @click.option("--hosts", default=None, metavar="H1,H2",
               help="Data-parallel over these hosts (IPs or ssh names; 127.0.0.1,127.0.0.1 = two local ranks) via mlx.launch.")
 @click.option("--hostfile", default=None, metavar="JSON", help="Data-parallel over mlx.launch's JSON hostfile.")
@@ -93,23 +96,22 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--auto-fit", is_flag=True,
               help="When the memory plan does not fit the tier, shrink the batch / checkpoint / quantize until it does.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args,
-          auto_fit):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, reward_functions, hosts,
+          hostfile, launch_args, auto_fit):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
-    from pathlib import Path
-
-    from mlxft import distributed
-    from mlxft.recipes import load_recipe
-    from mlxft.train import resume, train as run_training
+    from mlxft.recipes import load_recipe  # lazy: CLI start-up
+    from mlxft.runs.run import Run
+    from mlxft.training import distributed, launch
+    from mlxft.training.setup import resume, train as run_training
 
     if hosts or hostfile or launch_args:  # re-run this command on every host, as ranks of one job
-        argv = distributed.rank_argv(sys.argv[sys.argv.index("train"):])
-        sys.exit(distributed.launch(argv, hosts, hostfile, launch_args))
+        argv = launch.rank_argv(sys.argv[sys.argv.index("train"):])
+        sys.exit(launch.launch(argv, hosts, hostfile, launch_args))
     distributed.init()  # a rank of mlx.launch/mpirun joins its group; a plain process is a group of one
     if resume_run:
-        if data_dir or model or tier or overrides or runs_dir or method:
+        if data_dir or model or tier or overrides or runs_dir or method or reward_functions:
             raise click.UsageError(
-                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method")
+                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method/--reward")
         result = resume(resume_run)
     else:
         if model:
@@ -117,21 +119,19 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         if method:
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
+        r.grpo.reward_functions = [*r.grpo.reward_functions, *reward_functions]
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
-        if r.train.method == "sft":  # the memory plan models SFT steps (mlxft/plan.py)
-            from mlxft.plan import check_fits
-
-            r = check_fits(r, data_dir, auto_fit, click.echo)
-        result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None)
+        result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None, auto_fit=auto_fit)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
-    run_recipe = result.run.read_config()["recipe"] if compare else {}
-    if compare and run_recipe["train"].get("method", "sft") != "sft" and not run_recipe.get("eval", {}).get("suites"):
-        from mlxft.preference import compare_pairs, format_pairs  # no suites named: log-prob preference on test pairs
+    trained = Run.open(result.run.root) if compare else None
+    if compare and trained.method in ("dpo", "orpo") and not trained.recipe.eval.suites:
+        # lazy: CLI start-up (no suites named: log-prob preference on the test pairs)
+        from mlxft.evaluation.pairs import compare_pairs, format_pairs
 
         click.echo(format_pairs(compare_pairs(result.run.root, log=click.echo)))
         compare = False
     if compare:
-        from mlxft.evaluate import compare_run, format_comparison
+        from mlxft.evaluation.evaluate import compare_run, format_comparison  # lazy: CLI start-up
 
         evaluated = compare_run(result.run.root, log=click.echo)
         click.echo(format_comparison(evaluated))
@@ -149,7 +149,7 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
 @friendly
 def plan_cmd(recipe, tier, overrides, data_dir, model):
     """Predict peak memory and tokens/s of training RECIPE, and whether it fits the tier."""
-    from mlxft.plan import format_plan, plan_recipe
+    from mlxft.training.plan import format_plan, plan_recipe  # lazy: CLI start-up
     from mlxft.recipes import load_recipe
 
     if model:
@@ -172,7 +172,7 @@ def plan_cmd(recipe, tier, overrides, data_dir, model):
 @friendly
 def eval_cmd(run_or_model, suites, against, data, split, failures):
     """Score base vs adapter on eval suites; print the table, write RUN/eval.json; exit 1 if a gate fails."""
-    from mlxft.evaluate import compare_run, format_comparison
+    from mlxft.evaluation.evaluate import compare_run, format_comparison  # lazy: CLI start-up
 
     result = compare_run(run_or_model, list(suites), against, data, split, log=click.echo)
     click.echo(format_comparison(result, failures))
@@ -189,7 +189,7 @@ def eval_cmd(run_or_model, suites, against, data, split, failures):
 @friendly
 def eval_pairs(run, data):
     """Preference accuracy of base vs adapter on held-out pairs (log-probs); adds a suite to RUN/eval.json."""
-    from mlxft.preference import compare_pairs, format_pairs
+    from mlxft.evaluation.pairs import compare_pairs, format_pairs  # lazy: CLI start-up
 
     result = compare_pairs(run, data, log=click.echo)
     click.echo(format_pairs(result))
@@ -205,16 +205,14 @@ def eval_pairs(run, data):
 @friendly
 def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Generate a reply from TARGET: a run folder or a model (builtin:, folder, .gguf, hub id)."""
-    from mlxft.generate import Sampling, generate_text, load_target
+    from mlxft.inference.generate import Sampling, generate_text, load_target  # lazy: CLI start-up
+    from mlxft.inference.sampling import show_probs as show
 
     loaded = load_target(target)
+    sampling = Sampling(temp, top_p, top_k, min_p, max_tokens, seed)
     if show_probs:
-        from mlxft.sampling import show_probs as show
-
-        return show(loaded, prompt, system if system is not None else loaded.system_prompt,
-                    Sampling(temp, top_p, top_k, min_p, max_tokens, seed), show_probs)
-    generate_text(loaded, prompt, system if system is not None else loaded.system_prompt,
-                  Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+        return show(loaded, prompt, loaded.system(system), sampling, show_probs)
+    generate_text(loaded, prompt, loaded.system(system), sampling)
 
 
 @main.command()
@@ -223,11 +221,10 @@ def generate(target, prompt, show_probs, temp, top_p, top_k, min_p, max_tokens, 
 @friendly
 def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
     """Chat in the terminal with TARGET: a run folder or a model."""
-    from mlxft.generate import Sampling, chat_loop, load_target
+    from mlxft.inference.generate import Sampling, chat_loop, load_target  # lazy: CLI start-up
 
     loaded = load_target(target)
-    chat_loop(loaded, system if system is not None else loaded.system_prompt,
-              Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
+    chat_loop(loaded, loaded.system(system), Sampling(temp, top_p, top_k, min_p, max_tokens, seed))
 
 
 @main.command()
@@ -235,7 +232,7 @@ def chat(target, temp, top_p, top_k, min_p, max_tokens, seed, system):
 @friendly
 def doctor(as_json):
     """Show what this machine gives mlx: device, BLAS, measured GFLOP/s, memory tier."""
-    from mlxft.doctor import collect, format_report
+    from mlxft.doctor import collect, format_report  # lazy: CLI start-up
 
     info = collect()
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
@@ -268,8 +265,8 @@ def data():
 @friendly
 def data_prepare(src, out, split_text, seed, fmt, recipe, model):
     """Normalise SRC (file or folder; chat, ShareGPT, Alpaca, ...) to chat JSONL splits in OUT."""
-    from mlxft.lint import recipe_and_tokenizer
-    from mlxft.prepare import parse_split, prepare_dataset
+    from mlxft.data.check import recipe_and_tokenizer  # lazy: CLI start-up
+    from mlxft.data.prepare import parse_split, prepare_dataset
 
     fractions = parse_split(split_text)
     r, tokenizer, why = recipe_and_tokenizer(recipe, model)
@@ -290,7 +287,8 @@ def data_prepare(src, out, split_text, seed, fmt, recipe, model):
 @friendly
 def data_check(path, recipe, model, fmt, fix_out, limit):
     """Report every problem in PATH (file or folder) with file and line; exit 1 on errors."""
-    from mlxft.lint import check_path, recipe_and_tokenizer
+    from mlxft.data.check import check_path, recipe_and_tokenizer  # lazy: CLI start-up
+    from mlxft.data.prepare import write_clean
 
     r, tokenizer, why = recipe_and_tokenizer(recipe, model)
     if why:
@@ -298,8 +296,6 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
     report = check_path(path, r, tokenizer, fmt)
     click.echo(report.format(limit))
     if fix_out:
-        from mlxft.prepare import write_clean
-
         kept, dropped = write_clean(report, fix_out)
         click.echo(f"wrote a cleaned copy to {fix_out}: " + ", ".join(f"{s} {n} rows" for s, n in kept.items())
                    + f"; {dropped} rows dropped (see fix_log.jsonl); the input is unchanged")
@@ -314,20 +310,29 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--max-tokens-cap", type=int, default=2048, show_default=True, help="Largest max_tokens a request may ask for.")
 @click.option("--max-queue", type=int, default=32, show_default=True, help="Queued requests before answering 429.")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="Require Authorization: Bearer KEY on every request (default: $MLXFT_API_KEY; none = no check).")
+@click.option("--insecure-no-auth", is_flag=True, help="Listen beyond loopback without an API key anyway.")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a request may take, queue included, before answering 504.")
 @friendly
-def serve(base, adapters, host, port, max_tokens_cap, max_queue):
+def serve(base, adapters, host, port, max_tokens_cap, max_queue, api_key, insecure_no_auth, request_timeout):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
-    from mlxft.serve import Limits, load_engine, make_server, parse_adapter_args
+    from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args  # lazy: CLI start-up
+    from mlxft.inference.serve_guard import check_bind, resolve_api_key
 
-    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
-                         log=click.echo)
+    api_key = resolve_api_key(api_key)
+    warning = check_bind(host, api_key, insecure_no_auth)  # before loading anything: a refusal is instant
+    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                                                                    request_timeout=request_timeout), log=click.echo)
     try:
-        server = make_server(engine, host, port)
+        server = make_server(engine, host, port, api_key=api_key)
     except OSError as e:
         raise MlxftError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        click.echo(f"WARNING: listening on {host}: anyone who can reach it can use the models (admin stays loopback-only)")
-    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1")
+    if warning:
+        click.echo(warning + " (admin stays loopback-only)")
+    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1"
+               + (" (API key required)" if api_key else ""))
     try:
         server.serve_forever()
     finally:
@@ -341,10 +346,40 @@ def serve(base, adapters, host, port, max_tokens_cap, max_queue):
 @friendly
 def fuse(run, out_dir, dequantize):
     """Merge RUN's adapter into its base and write an mlx-lm/HF model folder (verified before it is kept)."""
-    from mlxft.fuse import fuse_run
+    from mlxft.models.fuse import fuse_run  # lazy: CLI start-up
 
     report = fuse_run(run, out_dir, dequantize=dequantize, log=click.echo)
     click.echo(f"wrote {report.out}")
+
+
+@main.command("export")
+@click.argument("run")
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Choice(["gguf", "ollama", "lmstudio", "mlx"]), default="gguf", show_default=True,
+              help="gguf: llama.cpp file; ollama: GGUF + Modelfile; lmstudio: MLX folder in LM Studio's models; mlx: fused folder.")
+@click.option("--quant", default="f16", show_default=True,
+              help="GGUF type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 (K-quants such as q4_k_m: llama.cpp's llama-quantize).")
+@click.option("--adapter-only", is_flag=True, help="The LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER).")
+@click.option("--with-base", is_flag=True, help="With --adapter-only: write the base GGUF too (--to ollama always does).")
+@click.option("--name", default=None, help="Model name in file names and the card (default: the run folder's name).")
+@click.option("--push", metavar="REPO_ID", default=None, help="Upload the finished folder to this Hugging Face repo.")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Eval prompts the written files are checked on against base + adapter.")
+@friendly
+def export_cmd(run, out, to, quant, adapter_only, with_base, name, push, prompts):
+    """Export RUN (verified against base + adapter) into OUT; --to lmstudio defaults to LM Studio's models folder."""
+    from mlxft.export.run import ExportOptions, export_run  # lazy: CLI start-up
+
+    opts = ExportOptions(to=to, quant=quant, adapter_only=adapter_only, with_base=with_base, name=name, push=push,
+                         prompts=prompts)
+    report = export_run(run, out, opts, log=click.echo)
+    for file, size in sorted(report.files.items()):
+        click.echo(f"  {file}  {size / 1e6:.1f} MB")
+    click.echo(f"wrote {report.out} in {report.seconds:.0f} s (README.md is its model card); to run it:")
+    for line in report.usage:
+        click.echo(f"  {line}")
+    if report.pushed:
+        click.echo(f"pushed to {report.pushed}")
 
 
 # ---------------------------------------------------------------- mlxft report, mlxft runs
@@ -355,7 +390,7 @@ def fuse(run, out_dir, dequantize):
 @friendly
 def report(run):
     """Write RUN/report.html: run card, loss/throughput/memory curves, eval tables (self-contained, offline)."""
-    from mlxft.report import write_report
+    from mlxft.runs.report import write_report  # lazy: CLI start-up
 
     click.echo(f"wrote {write_report(run)}")
 
@@ -368,7 +403,7 @@ def runs(ctx, runs_dir):
     """List runs with their key figures; `mlxft runs compare A B` puts two side by side."""
     if ctx.invoked_subcommand is not None:
         return
-    from mlxft.run_summary import format_run_list, list_runs
+    from mlxft.runs.summary import format_run_list, list_runs  # lazy: CLI start-up
 
     found = list_runs(runs_dir)
     click.echo(format_run_list(found) if found else "no runs yet (mlxft train RECIPE makes one)")
@@ -380,9 +415,20 @@ def runs(ctx, runs_dir):
 @friendly
 def runs_compare(run_a, run_b):
     """Config differences, metrics and eval scores of RUN_A and RUN_B side by side."""
-    from mlxft.run_compare import compare_runs
+    from mlxft.runs.compare import compare_runs  # lazy: CLI start-up
 
     click.echo(compare_runs(run_a, run_b))
+
+
+@main.command()
+@click.option("--runs-dir", default=None, help="Folder of run folders (default: $MLXFT_RUNS or ./runs).")
+@click.option("--port", type=int, default=8321, show_default=True, help="Port on 127.0.0.1 (0 = any free port).")
+@friendly
+def studio(runs_dir, port):
+    """Local web app on 127.0.0.1: start, watch, stop/resume, compare and talk to runs; prints the URL to open."""
+    from mlxft.studio.app import serve  # lazy: CLI start-up
+
+    serve(Path(runs_dir or os.environ.get("MLXFT_RUNS") or "runs"), port, log=click.echo)
 
 
 # ---------------------------------------------------------------- mlxft synth (teacher-to-student data)
@@ -419,10 +465,8 @@ def runs_compare(run_a, run_b):
 def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe, against, filters, judge, judge_model,
           judge_threshold, judge_template, temp, top_p, max_tokens, seed, max_attempts):
     """Generate N training rows into OUT with a teacher; rerun the same command to continue."""
-    from pathlib import Path
-
-    from mlxft.synth import SynthOptions, run_synth
-    from mlxft.teacher import TeacherSampling
+    from mlxft.data.synth import SynthOptions, run_synth  # lazy: CLI start-up
+    from mlxft.data.teacher import TeacherSampling
 
     opts = SynthOptions(Path(seeds), n, Path(out), mode, Path(template) if template else None, system,
                         tuple(Path(p) for p in against), TeacherSampling(temp, top_p, max_tokens), seed, max_attempts)
@@ -449,13 +493,13 @@ def synth(out, teacher, teacher_model, seeds, n, mode, template, system, recipe,
 @friendly
 def baseline(recipe, suite, shots, seed, run, model, runs_dir):
     """Score RECIPE's base model zero-shot and few-shot on a suite: is fine-tuning needed at all?"""
-    from mlxft.baseline import format_baseline, resolve_target, run_baseline
+    from mlxft.evaluation.baseline import format_baseline, resolve_target, run_baseline  # lazy: CLI start-up
 
     target = resolve_target(recipe, run, model, runs_dir)
     entry = run_baseline(target, suite, shots, seed, log=click.echo)
     click.echo(format_baseline(entry))
     click.echo(f"recorded in {target.baseline_path}" + (" and its eval.json" if target.run and
-                                                       target.run.eval_json.is_file() else ""))
+                                                       target.run.folder.eval_json.is_file() else ""))
 
 
 if __name__ == "__main__":

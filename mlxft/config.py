@@ -6,11 +6,13 @@ stage reads the resolved `Recipe` and never touches raw YAML dicts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-TRAIN_METHODS = ("sft", "dpo", "orpo")
+TRAIN_METHODS = ("sft", "dpo", "orpo", "grpo")
+GRPO_LOSSES = ("grpo", "dr_grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 MEMORY_TIERS = (8, 16, 24, 32, 48, 64, 96, 128)  # GB of unified memory / RAM
 
@@ -48,14 +50,14 @@ class TrainConfig:
     batch_size: int = 4
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
-    # Run the prompt prefix every row shares once per batch (mlxft/prefix.py); same loss up to fp rounding.
+    # Run the prompt prefix every row shares once per batch (mlxft/training/fast/prefix.py); same loss up to fp rounding.
     shared_prefix: bool = True
     # Pack each micro-batch's rows end to end (block-diagonal mask, positions restart per row;
-    # mlxft/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint. Opt-in:
+    # mlxft/training/fast/packing.py): no padding, same loss up to fp rounding. Not with grad_checkpoint. Opt-in:
     # measured -11% CPU on the default recipe at light load but +8% on an older tree under heavy
     # load (README "Sequence packing"); the bins' masked attention eats most of the padding saved.
     packing: bool = False
-    # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/fastmath.py):
+    # On the CPU backend, SwiGLU models use mlxft's SiLU built from fast ops (mlxft/training/fast/fastmath.py):
     # mlx's CPU exp is scalar and cost more than the MLP's matmuls. The attention's and the loss's
     # softmaxes use the same fast exp as one fused kernel (needs g++). Same values to fp32 rounding.
     fast_silu: bool = True
@@ -80,7 +82,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     # sft: next-token loss on the answers; dpo / orpo: preference pairs (chosen + rejected),
-    # see mlxft/preference.py and the `preference:` section.
+    # see mlxft/training/preference.py and the `preference:` section.
     method: str = "sft"
 
 
@@ -104,12 +106,31 @@ class TierConfig:
 
 @dataclass
 class PreferenceConfig:
-    """DPO / ORPO settings, used when train.method is dpo or orpo (mlxft/preference.py)."""
+    """DPO / ORPO settings, used when train.method is dpo or orpo (mlxft/training/preference.py)."""
 
     beta: float = 0.1  # DPO: weight of the implicit KL anchor to the base; higher = stay closer to it
     label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of mislabelled pairs (conservative DPO)
     loss: str = "sigmoid"  # DPO loss: sigmoid (Rafailov et al. 2023) | ipo (Azar et al. 2023)
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term beside the SFT loss on chosen
+
+
+@dataclass
+class GrpoConfig:
+    """GRPO settings, used when train.method is grpo (mlxft/training/grpo.py)."""
+
+    num_generations: int = 4  # completions sampled per prompt: the group whose rewards are compared
+    max_completion_length: int = 64  # tokens per completion; an unfinished one is scored as it stands
+    temperature: float = 0.9  # sampling temperature: too low and a group's completions (and rewards) are all equal
+    top_p: float = 1.0
+    beta: float = 0.04  # weight of the KL term to the base (the adapter switched off); 0 = no reference
+    epsilon: float = 0.2  # PPO clip of the probability ratio to the sampling policy
+    loss: str = "grpo"  # grpo: std-normalised advantages, per-sequence mean | dr_grpo: neither normalisation
+    # Rewards, each "NAME[=VALUE][:WEIGHT]": a scorer of `reward_suite` by its name (its parameters as
+    # the suite has them), a scorer type with no parameters (json_valid, exact_match, refusal, ...),
+    # max_words=N / max_chars=N (1 within the limit, falling to 0 at twice it), or judge=MODEL.
+    rewards: list[str] = field(default_factory=list)
+    reward_suite: str | None = None  # the eval suite whose scorers the rewards name (what you optimise = what you measure)
+    reward_functions: list[str] = field(default_factory=list)  # "path/to/file.py:fn[:WEIGHT]"; fn(completion, example) -> float
 
 
 @dataclass
@@ -135,8 +156,31 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     # Base-weight quantization bits for training (QLoRA): None/0 = keep the source precision.
     # Set per tier; on CPU backends mlxft trains on a dequantized base regardless (see train).
     quantize: int | None = None
     tiers: dict[int, TierConfig] = field(default_factory=dict)
     tier: int | None = None  # the tier the recipe was resolved for
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain dicts/lists (config.json's "recipe")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """The Recipe a run recorded with `to_dict`, so a resumed or re-read run uses exactly it.
+        Keys this version does not know are ignored; missing ones take their defaults."""
+
+        def build(section, values: dict):
+            names = {f.name for f in dataclasses.fields(section)}
+            return section(**{k: v for k, v in values.items() if k in names})
+
+        sections = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "data": DataConfig,
+                    "eval": EvalConfig, "preference": PreferenceConfig, "grpo": GrpoConfig}
+        recipe = build(cls, {k: v for k, v in data.items() if k not in sections and k != "tiers"})
+        for name, section in sections.items():
+            setattr(recipe, name, build(section, data.get(name) or {}))
+        # JSON turned the tier numbers into strings.
+        recipe.tiers = {int(k): build(TierConfig, v) for k, v in (data.get("tiers") or {}).items()}
+        return recipe

@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import subprocess
 import time
 
 import mlxft
-from mlxft import _blas
 import mlx.core as mx
+
+from mlxft import _blas
+from mlxft.models.load import backend
+from mlxft.recipes import detect_tier, usable_memory_bytes
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -28,7 +32,6 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 def chip() -> str:
     if platform.system() == "Darwin":
         try:
-            import subprocess
 
             return subprocess.run(
                 ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=True
@@ -69,9 +72,6 @@ def blas_description() -> str:
 
 
 def collect() -> dict:
-    from mlxft.models import backend
-    from mlxft.recipes import detect_tier, usable_memory_bytes
-
     total, avail = memory_bytes()
     info = {
         "os": f"{platform.system()} {platform.release()}",

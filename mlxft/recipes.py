@@ -24,7 +24,7 @@ from typing import Any, Callable
 import yaml
 
 from mlxft.config import (
-    DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
+    DPO_LOSSES, FINE_TUNE_TYPES, GRPO_LOSSES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
 )
 from mlxft.errors import ConfigError
 
@@ -60,6 +60,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preference.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "preference.loss": (lambda v: v in DPO_LOSSES, f"one of {', '.join(DPO_LOSSES)}"),
     "preference.orpo_lambda": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.num_generations": (lambda v: v >= 2, "an int >= 2 (a group needs two completions to compare)"),
+    "grpo.max_completion_length": (lambda v: v > 0, "a positive int"),
+    "grpo.temperature": (lambda v: v > 0, "a positive number (sampling; 0 would make every completion equal)"),
+    "grpo.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "grpo.beta": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.epsilon": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "grpo.loss": (lambda v: v in GRPO_LOSSES, f"one of {', '.join(GRPO_LOSSES)}"),
 }
 
 # PyYAML (YAML 1.1) reads `2e-4` as a string; only `2.0e-4` is a float. Accept both.
@@ -114,7 +121,7 @@ def named_yaml(name_or_path: str | Path, folder: Path, names, missing_file: str,
 
 def usable_memory_bytes() -> int:
     """Memory a training run can use: the Metal GPU working-set limit on a Mac, else total RAM."""
-    import mlx.core as mx
+    import mlx.core as mx  # lazy: loading a recipe stays free of mlx until memory is asked about
 
     if mx.metal.is_available():
         info = mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
@@ -168,9 +175,13 @@ def load_recipe(
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """The resolved recipe as plain dicts/lists, for saving beside a run as JSON or YAML."""
-    return dataclasses.asdict(recipe)
+def resolve_data_dir(path: str | Path) -> Path:
+    """A relative data path is tried from the working directory, then from the mlxft checkout."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = RECIPES_DIR.parent / p
+    return alt if alt.exists() else p
 
 
 def family_module_keys(family: str) -> set[str]:
@@ -185,6 +196,7 @@ def family_module_keys(family: str) -> set[str]:
 @functools.lru_cache(maxsize=None)
 def _family_lora_modules(family: str) -> dict[str, str]:
     """Module key -> layer class name for every LoRA-able module in the family's blocks."""
+    # lazy: loading a recipe (mlxft runs, plan, studio) stays free of mlx-lm until a family is checked
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
     from mlx_lm.utils import MODEL_REMAPPING
@@ -236,6 +248,12 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
         line = f"line {mark.line + 1}: " if mark else ""
         reason = getattr(error, "problem", None) or str(error)
         problems.append(f"{path}: {line}invalid YAML: {reason}")
+        return {}
+    except RecursionError:
+        problems.append(f"{path}: invalid YAML: nested too deeply to be a recipe")
+        return {}
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8")
         return {}
     if data is None:
         return {}
@@ -420,7 +438,7 @@ def _parse_value(text: str, hint: Any) -> Any:
     """YAML-parse an override value; a str field keeps the raw text ("Reply: yes" stays text)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML: the text as it is (the type check then says so)
         value = text
     if value is not None and not isinstance(value, str) and _accepts_str(hint):
         return text.strip()

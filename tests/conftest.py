@@ -121,4 +121,4 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Runs go to tmp; converted models share one cache per session (conversion is slow)."""
     monkeypatch.setenv("MLXFT_RUNS", str(tmp_path / "runs"))
     if "MLXFT_CACHE" not in os.environ:
-        monkeypatch.setenv("MLXFT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "mlxft"))
+        monkeypatch.setenv("MLXFT_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "mlxft"))

@@ -75,7 +75,7 @@ def lora_model(path: Path, num_layers: int = 1, dropout: float = 0.0, keys=LORA_
 
 def encoded_rows(tok, data: Path, n: int = 8):
     """The first `n` training rows of a tiny data folder, encoded with the test system prompt."""
-    from mlxft.data import encode_rows, read_chat_jsonl
+    from mlxft.data.encode import encode_rows, read_chat_jsonl
 
     return encode_rows(tok, read_chat_jsonl(data / "train.jsonl")[:n], SYSTEM, 64)
 
@@ -97,7 +97,7 @@ def assert_matches_full_rows(model, rows, loss, grads, n_tok: int, n_sup: int, f
     returns the plain loss."""
     import mlx.nn as nn
 
-    from mlxft.train import collate, make_loss
+    from mlxft.training.sft import collate, make_loss
 
     inputs, targets, idx, n_tok_f, n_sup_f = collate(rows)
     loss_f, grads_f = nn.value_and_grad(model, make_loss(model, family))(model, inputs, targets, idx)

@@ -1,6 +1,6 @@
 """A plain reference for SentencePiece-BPE tokenization, as llama.cpp's SPM tokenizer does it.
 
-Written from the algorithm, not from mlxft.gguf, so tests can compare the tokenizer.json the
+Written from the algorithm, not from mlxft.models.gguf, so tests can compare the tokenizer.json the
 importer builds against it: control and user-defined pieces match whole on the raw text; in
 between, spaces become U+2581, each character starts as a symbol, and the adjacent pair whose
 joined text is the highest-scoring normal vocabulary piece is joined (leftmost on a tie) until

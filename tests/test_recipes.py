@@ -6,7 +6,7 @@ import pytest
 
 import mlxft  # noqa: F401  (loads the fast BLAS before mlx)
 from mlxft import recipes
-from mlxft.config import MEMORY_TIERS, TierConfig
+from mlxft.config import MEMORY_TIERS, Recipe, TierConfig
 from mlxft.errors import ConfigError
 from mlxft.recipes import (
     detect_tier,
@@ -14,7 +14,6 @@ from mlxft.recipes import (
     list_recipes,
     load_recipe,
     recipe_path,
-    recipe_to_dict,
 )
 
 GIB = 1024**3
@@ -71,11 +70,11 @@ def test_recipe_file_opens_with_its_launch_command(name):
 def test_recipes_demo_the_commit_type_task(name):
     recipe = load_recipe(name, tier=16)
     if recipe.train.method != "sft":
-        pytest.skip("a preference recipe: its demo is datasets/house-style (tests/test_preference.py)")
+        pytest.skip("not an SFT recipe: DPO/ORPO demo on datasets/house-style, GRPO on datasets/structured")
     if recipe.data.path == "datasets/structured":
-        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
-    # the default trains on real commit subjects + template rows + replay rows that keep general ability and safety
-    assert recipe.data.path == ("datasets/commit-type-real-replay" if name == "smollm2-135m" else "datasets/commit-type")
+        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/evaluation/test_evaluate.py)")
+    # the default trains on commit-type plus replay rows that keep general ability and safety
+    assert recipe.data.path == ("datasets/commit-type-replay" if name == "smollm2-135m" else "datasets/commit-type")
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT
     assert recipe.eval.max_tokens == 8
 
@@ -120,13 +119,14 @@ def test_moe_recipe_adapts_experts_but_not_the_router():
     )
 
 
-def test_recipe_to_dict_is_json_ready():
+def test_recipe_to_dict_is_json_ready_and_reads_back():
     recipe = load_recipe("llama3-3b", tier=8)
-    data = json.loads(json.dumps(recipe_to_dict(recipe)))
+    data = json.loads(json.dumps(recipe.to_dict()))
     assert data["tier"] == 8
     assert data["train"]["batch_size"] == recipe.train.batch_size
     assert data["lora"]["targets"] == recipe.lora.targets
     assert data["tiers"]["8"]["quantize"] == 4
+    assert Recipe.from_dict(data) == recipe  # what a run records is what a resume trains with
 
 
 # --- finding recipes --------------------------------------------------------------------

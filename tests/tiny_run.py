@@ -13,7 +13,7 @@ from conftest import SYSTEM
 
 def train_tiny_run(model_dir: Path, data_dir: Path, runs_root: Path, iters: int = 80) -> Path:
     from mlxft.config import DataConfig, LoraConfig, ModelConfig, Recipe, TrainConfig
-    from mlxft.train import train
+    from mlxft.training.setup import train
 
     recipe = Recipe(
         name="tiny",
@@ -32,7 +32,7 @@ def loss_curve(runs_root: Path, tiny_model: Path, tiny_data: Path, sets: list[st
     import json
 
     from mlxft.recipes import load_recipe
-    from mlxft.train import train
+    from mlxft.training.setup import train
 
     recipe = load_recipe("smollm2-135m", tier=8, overrides=[
         f"model.source={tiny_model}", "train.iters=30", "train.batch_size=4", "train.report_every=1",
@@ -57,8 +57,8 @@ def wait_for_checkpoint(proc, runs_dir: Path, min_step: int, timeout: float = 60
     training meanwhile); return its RunDir."""
     import time
 
-    from mlxft.checkpoint import list_checkpoints
-    from mlxft.runs import RunDir
+    from mlxft.training.checkpoint import list_checkpoints
+    from mlxft.runs.run import RunDir
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SOURCE = ROOT / "datasets" / "commit-type"
@@ -86,9 +86,9 @@ def trim_to_sentence(text: str) -> str:
 def replay_rows(seed: int, max_tokens: int = 96) -> list[dict]:
     sys.path.insert(0, str(ROOT))
     import mlxft  # noqa: F401
-    from mlxft.data import prompt_ids
-    from mlxft.evaluate import generate_batch
-    from mlxft.models import load_base
+    from mlxft.data.encode import prompt_ids
+    from mlxft.evaluation.evaluate import generate_batch
+    from mlxft.models.load import load_base
 
     base = load_base("builtin:smollm2-135m-instruct", None, training=False)
     prompts = general_prompts()

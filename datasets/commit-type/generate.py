@@ -33,7 +33,7 @@ import re
 import sys
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 SYSTEM_PROMPT = (
     "Classify the git commit message. Reply with exactly one label: "

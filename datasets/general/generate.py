@@ -21,7 +21,7 @@ import argparse
 import random
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 PARAGRAPHS = [
     "Bread needs only flour, water, salt and yeast, but time is the ingredient most people forget. A slow rise in a cool kitchen gives the yeast hours to make gas and flavour, and the loaf that comes out of the oven has a crisp crust and an open, chewy crumb.",

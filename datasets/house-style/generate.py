@@ -33,7 +33,7 @@ import random
 import re
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 # A neutral system prompt: the style is what training has to teach, not what the prompt asks for.
 SYSTEM_PROMPT = "You are the help desk assistant of Acme Learning."

@@ -20,7 +20,7 @@ import argparse
 import random
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 # (category, goal phrased to follow "how to" / "help me").
 GOALS = [

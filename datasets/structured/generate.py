@@ -26,7 +26,7 @@ import json
 import random
 from pathlib import Path
 
-from mlxft.runs import write_jsonl
+from mlxft.files import write_jsonl
 
 SYSTEM_PROMPT = (
     "Extract the meeting request as JSON with the keys name, company, date (YYYY-MM-DD), "
