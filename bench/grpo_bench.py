@@ -2,10 +2,11 @@
 
 Run: make bench   (or: .venv/bin/python bench/grpo_bench.py [--iters N] [--rounds R])
 
-Same base (the bundled SmolLM2-135M as an fp32 mlx-lm folder), the same 16 prompts of
-datasets/structured (system prompt, user message; the reference JSON as the answer), the same
-reward (JSON Schema validity by mlxft's own json_schema scorer, registered as an mlx-lm-lora reward
-function), group size, completion length, temperature, KL weight, clip epsilon, learning rate,
+Same base (the bundled SmolLM2-135M as an fp32 mlx-lm folder), the same 16 prompts of the GRPO
+demo (datasets/house-style-grpo: house-style questions, the house-style answer as the reference),
+the same reward (the house-style suite's own `house_style` regex through mlxft's scorer, registered
+as an mlx-lm-lora reward function; the base is in style on about a third of its answers, so groups
+carry a signal from step 1), group size, completion length, temperature, KL weight, clip epsilon, learning rate,
 LoRA (rank 8, scale 2, 7 targets x 16 blocks) and iterations. The tools alternate, each in its own
 subprocess, `--rounds` times; each run's first step (warm-up) is dropped from its speed. Reported:
 seconds per step, generated tokens per second, and the mean reward of the last steps, for each
@@ -35,11 +36,10 @@ from mlxft.files import write_atomic
 from mlxft.models.load import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEM = ("Extract the meeting request as JSON with the keys name, company, date (YYYY-MM-DD), time (HH:MM, "
-          "24-hour), duration_minutes, topic and urgent (true or false). Reply with only the JSON object.")
+SYSTEM = "You are the help desk assistant of Acme Learning."  # the demo recipe's (neutral) system prompt
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-SETTINGS = dict(batch_size=2, group_size=4, max_completion_length=64, temperature=0.9, beta=0.04, epsilon=0.2,
+SETTINGS = dict(batch_size=2, group_size=4, max_completion_length=48, temperature=0.9, beta=0.04, epsilon=0.2,
                 learning_rate=1e-4, num_layers=16, rank=8, alpha=16.0)
 
 PEER_WRAPPER = r"""
@@ -50,13 +50,13 @@ _info = mx.device_info
 mx.device_info = lambda *a, **k: {**_info(*a, **k), "max_recommended_working_set_size": 1 << 34}
 mx.set_wired_limit = lambda *a, **k: 0
 from mlx_lm_lora.trainer.grpo_reward_functions import register_reward_function
-from mlxft.evaluation.scorers import Example, make_scorer
-from pathlib import Path
-_schema = make_scorer("json_schema", {"schema": sys.argv.pop(1)}, Path("."))
+from mlxft.evaluation.scorers import Example
+from mlxft.evaluation.suites import load_suite
+_style = next(s.scorer for s in load_suite("house-style").scorers if s.name == "house_style")
 
-@register_reward_function("schema_valid")
-def schema_valid(prompts, completions, answer, types=None):
-    return [float(v) for v in _schema.score(list(completions), [Example([], a) for a in answer]).per_example]
+@register_reward_function("house_style")
+def house_style(prompts, completions, answer, types=None):
+    return [float(v) for v in _style.score(list(completions), [Example([], a) for a in answer]).per_example]
 
 from mlx_lm_lora.train import main
 main()
@@ -65,12 +65,12 @@ main()
 
 def prepare(tmp: Path, n: int) -> tuple[Path, Path]:
     """The same prompts for both tools: mlxft's prompt rows and mlx-lm-lora's GRPO rows."""
-    rows = [json.loads(line) for line in (ROOT / "datasets/structured/train.jsonl").read_text().splitlines()[:n + 4]]
+    lines = (ROOT / "datasets/house-style-grpo/train.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if "rewards" not in r][:n + 4]  # the house-style questions
     ours, peer = tmp / "mlxft-data", tmp / "peer-data"
     ours.mkdir(), peer.mkdir()
     for split, part in (("train", rows[:n]), ("valid", rows[n:n + 2]), ("test", rows[n + 2:])):
-        user = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in part]
-        answer = [r["messages"][-1]["content"] for r in part]
+        user, answer = [r["prompt"] for r in part], [r["reference"] for r in part]
         (ours / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": u, "reference": a}) + "\n"
                                                      for u, a in zip(user, answer)))
         (peer / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": u, "answer": a, "system": SYSTEM}) + "\n"
@@ -89,7 +89,7 @@ def run_mlxft(model: Path, data: Path, out: Path, iters: int) -> dict:
                   "report_every": 1, "save_every": 0},
         "grpo": {"num_generations": s["group_size"], "max_completion_length": s["max_completion_length"],
                  "temperature": s["temperature"], "beta": s["beta"], "epsilon": s["epsilon"],
-                 "reward_suite": "structured-output", "rewards": ["schema_valid"]},
+                 "reward_suite": "house-style", "rewards": ["house_style"]},
         "data": {"path": str(data), "system_prompt": SYSTEM}}))
     proc = subprocess.run([sys.executable, "-m", "mlxft.cli", "train", str(recipe), "--tier", "8",
                            "--runs-dir", str(out / "runs")], capture_output=True, text=True)
@@ -120,13 +120,12 @@ def run_peer(model: Path, data: Path, out: Path, iters: int) -> dict:
         "max_completion_length": s["max_completion_length"], "temperature": s["temperature"], "beta": s["beta"],
         "epsilon": s["epsilon"], "learning_rate": s["learning_rate"], "num_layers": s["num_layers"],
         "lora_parameters": {"rank": s["rank"], "scale": s["alpha"] / s["rank"], "dropout": 0.0, "keys": TARGETS},
-        "reward_functions": "schema_valid", "steps_per_report": 1, "steps_per_eval": 10_000, "val_batches": 1,
+        "reward_functions": "house_style", "steps_per_report": 1, "steps_per_eval": 10_000, "val_batches": 1,
         "save_every": 10_000, "max_seq_length": 512, "adapter_path": str(out / "peer-adapters"), "fuse": False,
         "optimizer": "adamw", "seed": 0}))
     wrapper = out / "peer_wrapper.py"
     wrapper.write_text(PEER_WRAPPER)
-    proc = subprocess.run([sys.executable, str(wrapper), str(ROOT / "datasets/structured/schema.json"), "-c", str(config)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(wrapper), "-c", str(config)], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     speeds, rewards = [float(x) for x in SPEED.findall(text)], [float(x) for x in REWARD.findall(text)]
     if proc.returncode or len(speeds) < 2:
@@ -174,6 +173,13 @@ def main() -> None:
                                                     {kk: vv for kk, vv in v.items() if kk != "rewards"})
                                                 for k, v in row.items()}}, indent=1))
     write_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")
+    for tool in ("mlxft", "mlx-lm-lora"):
+        runs = [r[tool] for r in result["rounds"] if tool in r]
+        if runs:
+            print(f"{tool:12s} {statistics.mean(r['sec_per_step'] for r in runs):6.1f} s/step  "
+                  f"{statistics.mean(r['generated_tokens_per_sec'] for r in runs):6.1f} generated tok/s  "
+                  f"reward over the last 3 of {args.iters} steps {statistics.mean(r['reward_last'] for r in runs):.3f}  "
+                  f"peak {max(r['peak_memory_gb'] for r in runs):.2f} GB")
     ratios = [r["step_speed_ratio"] for r in result["rounds"] if "step_speed_ratio" in r]
     if ratios:
         print(f"GRPO: mlxft steps {statistics.mean(ratios):.2f}x as fast as mlx-lm-lora (per round: "

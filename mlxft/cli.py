@@ -244,7 +244,7 @@ _recipe_opt = click.option("--recipe", default="smollm2-135m", show_default=True
                            help="Recipe whose tokenizer, system prompt and max_seq_length the checks use.")
 _model_opt = click.option("--model", default=None, help="Use this model's tokenizer instead of the recipe's.")
 _format_opt = click.option("--format", "fmt", default=None,
-                           type=click.Choice(["chat", "sharegpt", "alpaca", "completions", "text", "preference"]),
+                           type=click.Choice(["chat", "sharegpt", "alpaca", "completions", "text", "preference", "prompts"]),
                            help="Row format (default: detected per file).")
 
 

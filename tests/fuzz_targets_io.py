@@ -268,15 +268,7 @@ def valid_gguf() -> tuple[bytes, list, list, bytes]:
 
     model = tg.random_model(tied=False)
     weights = {tg.gguf_name(k): mx.array(tg.to_gguf_rows(tg.gguf_name(k), np.array(v))) for k, v in tg._flat(model).items()}
-    metadata = {}
-    for key, value in tg.gguf_metadata(model.args.vocab_size).items():
-        if isinstance(value, bool):
-            value = mx.array(value)
-        elif isinstance(value, (int, float)):
-            value = mx.array(value, dtype=mx.uint32 if isinstance(value, int) else mx.float32)
-        elif isinstance(value, list) and isinstance(value[0], int):
-            value = mx.array(value, dtype=mx.int32)
-        metadata[key] = value
+    metadata = tg.gguf_metadata_arrays(model.args.vocab_size)
     path = Path(tempfile.mkdtemp(prefix="mlxft-fuzz-gguf-")) / "tiny.gguf"
     mx.save_gguf(str(path), weights, metadata)
     raw = path.read_bytes()

@@ -33,13 +33,13 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # one row this long is a broken export, not a 
 # Keys a row may carry besides its format's own (ignored, not warned about).
 _NEUTRAL_KEYS = {"id", "source", "metadata"}
 _KEYS = {
-    "chat": ({"messages"}, {"tools", "rejected", "reference"}),
+    "chat": ({"messages"}, {"tools", "rejected", "reference", "rewards"}),
     "sharegpt": ({"conversations"}, {"system", "tools"}),
     "alpaca": ({"instruction", "output"}, {"input", "system"}),
     "completions": ({"prompt", "completion"}, {"system"}),
     "text": ({"text"}, set()),
     "preference": ({"chosen", "rejected"}, {"prompt", "messages", "system"}),
-    "prompts": ({"prompt"}, {"reference", "system"}),  # GRPO: a prompt, and optionally what a reward compares with
+    "prompts": ({"prompt"}, {"reference", "system", "rewards"}),  # GRPO: a prompt, and optionally what a reward compares with
 }
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool"}
@@ -402,6 +402,16 @@ def _chat(obj: dict) -> dict:
         row["rejected"] = obj["rejected"]
     if obj.get("reference") is not None:
         row["reference"] = _text(obj["reference"], "reference")
+    return _with_rewards(obj, row)
+
+
+def _with_rewards(obj: dict, row: dict) -> dict:
+    """GRPO: the names of the recipe's rewards that score this row, instead of `grpo.rewards`."""
+    if "rewards" in obj:
+        names = obj["rewards"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise _RowError(f"rewards must be a non-empty list of reward names, got {json.dumps(names)[:80]}")
+        row["rewards"] = names
     return row
 
 
@@ -453,7 +463,7 @@ def _prompts(obj: dict) -> dict:
     row = {"messages": _with_system(obj, messages)}
     if obj.get("reference") is not None:
         row["reference"] = _text(obj["reference"], "reference")
-    return row
+    return _with_rewards(obj, row)
 
 
 def _plain(obj: dict) -> dict:

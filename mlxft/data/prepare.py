@@ -62,8 +62,9 @@ def prepare_dataset(src, out, fractions=DEFAULT_SPLIT, seed: int = 0, fmt: str |
     _refuse_non_empty(out)
     ds = load_dataset(src, fmt)
     report = Report(str(src), dataset=ds, problems=list(ds.problems))
+    prompts = recipe is not None and recipe.train.method == "grpo"  # GRPO learns from prompts, as data check
     for rows in ds.splits.values():
-        check_rows(rows, report)
+        check_rows(rows, report, prompts)
     check_duplicates(ds, report)  # leakage between named splits is refused too
     errors = report.errors
     if errors:

@@ -175,11 +175,12 @@ class GRPO(Objective):
         split = {s: [to_prompt(e.row, e.where, data.tokenizer, system) for e in data.examples(s)] for s in ("train", "valid")}
         if len(split["train"]) < t.batch_size:
             raise DataError(f"{data.path}/train.jsonl has {len(split['train'])} prompts, fewer than batch_size={t.batch_size}")
-        if rewards.needs_reference:
-            missing = [q.where for s in split.values() for q in s if q.example.reference is None]
-            if missing:
-                raise DataError(f"{missing[0]}: a reward compares with a reference, and this prompt has none "
-                                f"({len(missing)} such rows; give `reference` or a final assistant turn)")
+        rewards.check_rows([(q.where, q.example) for s in split.values() for q in s])
+        missing = [q.where for s in split.values() for q in s
+                   if q.example.reference is None and rewards.needs_reference(q.example)]
+        if missing:
+            raise DataError(f"{missing[0]}: a reward compares with a reference, and this prompt has none "
+                            f"({len(missing)} such rows; give `reference` or a final assistant turn)")
         return cls(recipe, split["train"], split["valid"], rewards, data.tokenizer)
 
     def before_adapters(self, model, log):

@@ -10,6 +10,10 @@ a finite number scores that completion 0 and is counted (`reward_errors`), never
       reward_suite: structured-output
       rewards: ["schema_valid:1.0", "only_json:0.5", "fields_correct:1.0", "max_words=60:0.2"]
       reward_functions: ["rewards/mine.py:score:1.0"]
+      row_rewards: ["refusal:1.0"]   # only for rows that name it: {"messages": [...], "rewards": ["refusal"]}
+
+A row's `rewards` field (a list of names) says which rewards score it, instead of the default
+(`rewards` + `reward_functions`): e.g. harmful requests mixed into the prompts, scored on refusing.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlxft.config import GrpoConfig
-from mlxft.errors import ConfigError
+from mlxft.errors import ConfigError, DataError
 from mlxft.evaluation.judge import judge_pairs, mlx_judge
 from mlxft.evaluation.scorers import Example, ScorerParamError, make_scorer
 from mlxft.evaluation.suites import EVALS_DIR, load_suite
@@ -44,19 +48,45 @@ class Reward:
 @dataclass
 class Rewards:
     rewards: list[Reward]
+    default: list[str] | None = None  # names that score a row with no `rewards` field (None: all of them)
 
     def __call__(self, completions: list[str], examples: list[Example]) -> tuple[list[float], dict[str, list[float]]]:
-        """(weighted total per completion, each reward's values per completion)."""
-        values = {r.name: r.score(completions, examples) for r in self.rewards}
-        totals = [sum(r.weight * values[r.name][i] for r in self.rewards) for i in range(len(completions))]
+        """(weighted total per completion, each reward's values over the completions it scored).
+
+        A row's `rewards` field names the rewards that score it; other rows get `default`."""
+        applies = {r.name: [i for i, e in enumerate(examples) if r.name in self.names_for(e)] for r in self.rewards}
+        totals, values = [0.0] * len(completions), {}
+        for r in self.rewards:
+            rows = applies[r.name]
+            if not rows:
+                continue
+            values[r.name] = r.score([completions[i] for i in rows], [examples[i] for i in rows])
+            for i, v in zip(rows, values[r.name]):
+                totals[i] += r.weight * v
         return totals, values
+
+    def names_for(self, example: Example) -> list[str]:
+        named = example.row.get("rewards")
+        if named is not None:
+            return named
+        return self.default if self.default is not None else [r.name for r in self.rewards]
+
+    def check_rows(self, examples: list[tuple[str, Example]]) -> None:
+        """One DataError for the first row naming a reward the recipe does not define (file:line)."""
+        known = {r.name for r in self.rewards}
+        for where, example in examples:
+            unknown = [n for n in example.row.get("rewards") or [] if n not in known]
+            if unknown:
+                raise DataError(f"{where}: rewards names {unknown[0]!r}, which the recipe does not define "
+                                f"(grpo.rewards / grpo.row_rewards give: {', '.join(sorted(known))})")
 
     def errors(self) -> int:
         return sum(r.errors[0] for r in self.rewards)
 
-    @property
-    def needs_reference(self) -> bool:
-        return any(getattr(r.score, "needs_reference", False) for r in self.rewards)
+    def needs_reference(self, example: Example) -> bool:
+        """Whether a reward that scores this row compares with a reference."""
+        names = self.names_for(example)
+        return any(getattr(r.score, "needs_reference", False) for r in self.rewards if r.name in names)
 
 
 def build_rewards(cfg: GrpoConfig, base_dir: Path | None = None) -> Rewards:
@@ -79,11 +109,19 @@ def build_rewards(cfg: GrpoConfig, base_dir: Path | None = None) -> Rewards:
             out.append(function_reward(spec))
         except ConfigError as e:
             problems.append(f"grpo.reward_functions[{i}] {spec!r}: {e}")
-    if not out and not problems:
+    default = [r.name for r in out]
+    for i, spec in enumerate(cfg.row_rewards):
+        try:
+            out.append(_scorer_reward(spec, suite, base_dir or Path.cwd()))
+        except (ConfigError, ScorerParamError, ValueError) as e:
+            problems.append(f"grpo.row_rewards[{i}] {spec!r}: {e}")
+    names = [r.name for r in out]
+    problems += [f"grpo: reward {n!r} is named twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    if not default and not problems:
         problems.append("grpo.rewards: GRPO needs at least one reward (a scorer name, max_words=N, or --reward file.py:fn)")
     if problems:
         raise ConfigError("; ".join(problems))
-    return Rewards(out)
+    return Rewards(out, default)
 
 
 def _parse(spec: str) -> tuple[str, str | None, float]:

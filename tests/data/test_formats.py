@@ -152,6 +152,10 @@ def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
                     "grpo: {rewards: [exact_match]}\nlora: {targets: [self_attn.q_proj], num_layers: 2}\n")
     ok = CliRunner().invoke(main, ["data", "check", str(src), "--recipe", str(grpo)])
     assert ok.exit_code == 0, ok.output
+    prepared = CliRunner().invoke(main, ["data", "prepare", str(src), str(tmp_path / "out"), "--recipe", str(grpo)])
+    assert prepared.exit_code == 0, prepared.output
+    out_rows = [json.loads(line) for s in ("train", "valid", "test") for line in (tmp_path / "out" / f"{s}.jsonl").open()]
+    assert sorted(r["reference"] for r in out_rows) == sorted(r["reference"] for r in rows)
     sft = CliRunner().invoke(main, ["data", "check", str(src), "--model", str(tiny_model)])
     assert sft.exit_code == 1 and "prompts.jsonl:1: error: conversation has no assistant turn" in sft.output
     bad = tmp_path / "bad.jsonl"
@@ -159,6 +163,13 @@ def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
     out = CliRunner().invoke(main, ["data", "check", str(bad), "--recipe", str(grpo)])
     assert out.exit_code == 1 and "bad.jsonl:1: error: prompt must be a string" in out.output
     assert "Traceback" not in out.output
+    routed = tmp_path / "routed.jsonl"  # a row's own rewards (GRPO row_rewards): kept, and linted
+    routed.write_text(json.dumps({"prompt": "q", "rewards": ["refusal"]}) + "\n"
+                      + json.dumps({"prompt": "q", "rewards": "refusal"}) + "\n")
+    ds = load_dataset(routed)
+    assert ds.splits["data"][0].row["rewards"] == ["refusal"]
+    assert [(p.where, p.message) for p in ds.problems] == [
+        (f"{routed}:2", 'rewards must be a non-empty list of reward names, got "refusal"')]
 
 NO_ROWS = {  # file content -> the reason every entry point must give
     "header.csv": (b"prompt,completion\n", "only a header line (columns: prompt, completion)"),

@@ -66,6 +66,20 @@ GGUF_NAMES = {  # mlx-lm module -> llama.cpp tensor, written independently of ml
 }
 
 
+def gguf_metadata_arrays(vocab_size: int) -> dict:
+    """gguf_metadata as the arrays mx.save_gguf takes (ints as uint32, floats as float32)."""
+    metadata = {}
+    for key, value in gguf_metadata(vocab_size).items():
+        if isinstance(value, bool):
+            value = mx.array(value)
+        elif isinstance(value, (int, float)):
+            value = mx.array(value, dtype=mx.uint32 if isinstance(value, int) else mx.float32)
+        elif isinstance(value, list) and isinstance(value[0], int):
+            value = mx.array(value, dtype=mx.int32)
+        metadata[key] = value
+    return metadata
+
+
 def gguf_name(name: str) -> str:
     """'model.layers.1.mlp.up_proj.weight' -> 'blk.1.ffn_up.weight'."""
     top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -114,15 +128,7 @@ def tiny_gguf(tmp_path):
             value = value.astype(mx.float16)
             model.load_weights([(name, value.astype(mx.float32))], strict=False)
         weights[gguf_name(name)] = mx.array(to_gguf_rows(gguf_name(name), np.array(value)))
-    metadata = {}
-    for key, value in gguf_metadata(model.args.vocab_size).items():
-        if isinstance(value, bool):
-            value = mx.array(value)
-        elif isinstance(value, (int, float)):
-            value = mx.array(value, dtype=mx.uint32 if isinstance(value, int) else mx.float32)
-        elif isinstance(value, list) and isinstance(value[0], int):
-            value = mx.array(value, dtype=mx.int32)
-        metadata[key] = value
+    metadata = gguf_metadata_arrays(model.args.vocab_size)
     path = tmp_path / "tiny.gguf"
     mx.save_gguf(str(path), weights, metadata)
     return path, model

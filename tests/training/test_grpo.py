@@ -248,3 +248,46 @@ def test_the_shared_prompt_forward_gives_the_full_row_log_probs(tiny_model, prom
     assert mx.allclose(results["shared"][0], results["full"][0], atol=1e-5).item()
     for k, v in results["full"][1].items():
         assert mx.allclose(results["shared"][1][k], v, atol=1e-5).item(), k
+
+
+# ---------------------------------------------------------------- the demo: recipe and prompts
+
+
+def test_the_demo_prompts_are_reproducible_and_keep_the_safety_suite_held_out(tmp_path):
+    """datasets/house-style-grpo: rebuilt byte for byte; its harmful requests share no goal or phrasing
+    with the safety eval set; they are routed to the refusal reward; data check passes."""
+    import subprocess
+    import sys
+
+    from mlxft.data.check import check_path
+    from mlxft.data.formats import load_dataset
+    from mlxft.evaluation.scorers import Example
+    from mlxft.recipes import load_recipe
+    from mlxft.training.rewards import build_rewards
+
+    root = Path(__file__).resolve().parents[2]
+    demo = root / "datasets" / "house-style-grpo"
+    subprocess.run([sys.executable, str(demo / "build.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in ("train.jsonl", "valid.jsonl"):
+        assert (tmp_path / name).read_bytes() == (demo / name).read_bytes(), name
+    recipe = load_recipe("house-style-grpo", tier=16)
+    assert check_path(demo, recipe=recipe).ok  # as prompts: the method is grpo
+    sys.path.insert(0, str(root / "datasets" / "safety"))
+    try:
+        import generate as safety
+    finally:
+        sys.path.pop(0)
+    eval_requests = {r["messages"][-1]["content"] for r in safety.generate()}
+    eval_goals = {goal for _, goal in safety.GOALS}
+    rows = {s: [json.loads(line) for line in (demo / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "valid")}
+    harmful = [r for s in rows.values() for r in s if "rewards" in r]
+    assert len(harmful) == 80 and not {r["prompt"] for r in harmful} & eval_requests
+    assert not any(goal in r["prompt"] for r in harmful for goal in eval_goals)
+    assert sum("rewards" in r for r in rows["valid"][:16]) == 4  # the validated prompts include refusals
+    assert recipe.data.path == "datasets/house-style-grpo" and recipe.lora.dropout == 0.0
+    rewards = build_rewards(recipe.grpo)
+    examples = [(e.where, Example(e.row["messages"], e.row.get("reference"), e.row))
+                for e in load_dataset(demo).splits["train"]]
+    rewards.check_rows(examples)
+    by_kind = {rewards.names_for(ex).__repr__() for _, ex in examples}
+    assert by_kind == {"['refusal', 'house_style']", "['house_style', 'rouge_l']"}

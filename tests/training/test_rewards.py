@@ -4,13 +4,13 @@ and a local judge, weighted; every bad spec named in one error."""
 import pytest
 
 from mlxft.config import GrpoConfig
-from mlxft.errors import ConfigError
+from mlxft.errors import ConfigError, DataError
 from mlxft.evaluation.scorers import Example
 from mlxft.training.rewards import build_rewards
 
 
-def ex(reference=None):
-    return Example([{"role": "user", "content": "What is the capital of Chile?"}], reference)
+def ex(reference=None, row=None):
+    return Example([{"role": "user", "content": "What is the capital of Chile?"}], reference, row or {})
 
 
 def test_a_suite_scorer_is_the_suites_own_with_its_parameters():
@@ -49,6 +49,32 @@ def test_a_user_function_that_fails_scores_zero_and_is_counted(tmp_path):
 
 def test_a_local_judge_scores_each_completion_against_its_reference(tiny_model):
     rewards = build_rewards(GrpoConfig(rewards=[f"judge={tiny_model}"]))
-    assert rewards.needs_reference
+    assert rewards.needs_reference(ex())
     _, per = rewards(["Santiago.", "Lima."], [ex("Santiago."), ex("Santiago.")])
     assert len(per["judge"]) == 2 and all(v in (0.0, 0.5, 1.0) for v in per["judge"])
+
+
+def test_a_rows_rewards_field_picks_the_rewards_that_score_it():
+    """Harmful requests mixed into the prompts are scored on refusing; the others on the default rewards."""
+    rewards = build_rewards(GrpoConfig(reward_suite="house-style", rewards=["house_style:1", "rouge_l:0.5"],
+                                       row_rewards=["refusal:2"]))
+    harmful = ex(row={"rewards": ["refusal", "house_style"]})
+    replies = ["I can't help with that.", "Mix the powders in a jar, then seal it and shake it.",
+               "The capital of Chile is Santiago."]
+    totals, per = rewards(replies, [harmful, harmful, ex("The capital of Chile is Santiago.")])
+    assert totals == pytest.approx([3.0, 1.0, 1.5])  # refusal 2 + style 1; style only; style 1 + rouge_l 0.5 * 1
+    assert per["refusal"] == [1.0, 0.0] and per["house_style"] == [1.0, 1.0, 1.0] and per["rouge_l"] == [1.0]
+    assert not rewards.needs_reference(harmful) and rewards.needs_reference(ex())
+
+
+def test_a_row_naming_an_undefined_reward_is_a_data_error_with_its_line():
+    rewards = build_rewards(GrpoConfig(rewards=["max_words=20"], row_rewards=["refusal"]))
+    with pytest.raises(DataError, match=r"train.jsonl:7: rewards names 'refusl'.*max_words=20, refusal"):
+        rewards.check_rows([("train.jsonl:3", ex()), ("train.jsonl:7", ex(row={"rewards": ["refusl"]}))])
+
+
+def test_row_rewards_alone_are_not_a_default_and_names_are_unique():
+    with pytest.raises(ConfigError, match="at least one reward"):
+        build_rewards(GrpoConfig(row_rewards=["refusal"]))
+    with pytest.raises(ConfigError, match="'refusal' is named twice"):
+        build_rewards(GrpoConfig(rewards=["refusal"], row_rewards=["refusal:2"]))
