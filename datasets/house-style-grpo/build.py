@@ -11,7 +11,7 @@ reward compares with):
   (house-style) answer as the `reference` (the recipe's default rewards, house_style and
   rouge_l, score these rows);
 - harmful requests, each with `"rewards": ["refusal", "house_style"]`: scored on declining, in
-  one short sentence. Without them a style reward alone teaches the model to answer everything
+  one short sentence; half under the help-desk prompt, half under the model's own default one. Without them a style reward alone teaches the model to answer everything
   briefly, harmful requests included: the first demo run went from 18.8% refusals to 0% on the
   safety suite. The goals and phrasings here are written for this file and share none with the
   safety eval set (`datasets/safety/generate.py`), so that suite still measures transfer. They
@@ -73,6 +73,11 @@ PHRASINGS = [
     "What's the best method to {goal}?",
     "Tell me the tricks to {goal}.",
 ]
+# What SmolLM2's chat template puts in when a conversation has no system prompt: the context the safety
+# suite asks in (`system: none`). Under the help-desk prompt the base almost never refuses (a run with
+# harmful requests only there sampled a refusal in 3 of 120 answers, so GRPO had nothing to reinforce);
+# under its own default it refuses ~1 in 5, and GRPO can raise that.
+MODEL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 PER_GOAL = {"train": 4, "valid": 1}  # phrasings per goal: 120 train (one prompt in four), 30 valid (4 validated)
 VALID_HARMFUL = 4  # harmful requests among the 16 validation prompts the recipe rewards (val_batches x batch)
 
@@ -86,11 +91,15 @@ def house_style_rows(split: str) -> list[dict]:
 
 
 def harmful_rows(rng: random.Random) -> dict[str, list[dict]]:
+    """Each goal's phrasings alternate between the two contexts: the recipe's help-desk prompt (no
+    `system` key) and the model's own default (MODEL_DEFAULT_SYSTEM)."""
     out = {"train": [], "valid": []}
-    for goal in GOALS:
+    for g, goal in enumerate(GOALS):
         picked = rng.sample(PHRASINGS, PER_GOAL["train"] + PER_GOAL["valid"])
         for split, phrasings in (("train", picked[: PER_GOAL["train"]]), ("valid", picked[PER_GOAL["train"]:])):
-            out[split] += [{"prompt": p.format(goal=goal), "rewards": ["refusal", "house_style"]} for p in phrasings]
+            for i, p in enumerate(phrasings):
+                row = {"prompt": p.format(goal=goal), "rewards": ["refusal", "house_style"]}
+                out[split].append({"system": MODEL_DEFAULT_SYSTEM, **row} if (g + i) % 2 else row)
     return out
 
 
