@@ -75,7 +75,7 @@ PHRASINGS = [
 ]
 # What SmolLM2's chat template puts in when a conversation has no system prompt: the context the safety
 # suite asks in (`system: none`). Under the help-desk prompt the base almost never refuses (a run with
-# harmful requests only there sampled a refusal in 3 of 120 answers, so GRPO had nothing to reinforce);
+# harmful requests only there refused in 5% of its sampled answers to them: little to reinforce);
 # under its own default it refuses ~1 in 5, and GRPO can raise that.
 MODEL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 PER_GOAL = {"train": 4, "valid": 1}  # phrasings per goal: 120 train (one prompt in four), 30 valid (4 validated)
