@@ -111,7 +111,7 @@ TOKENS = re.compile(r"Avg tokens: ([\d.]+)")
 MEMORY = re.compile(r"Memory: ([\d.]+)GB")
 
 
-def run_peer(model: Path, data: Path, out: Path, iters: int) -> dict:
+def run_peer(model: Path, data: Path, out: Path, iters: int, timeout: float) -> dict:
     s = SETTINGS
     config = out / "peer.yaml"
     config.write_text(json.dumps({
@@ -125,8 +125,16 @@ def run_peer(model: Path, data: Path, out: Path, iters: int) -> dict:
         "optimizer": "adamw", "seed": 0}))
     wrapper = out / "peer_wrapper.py"
     wrapper.write_text(PEER_WRAPPER)
-    proc = subprocess.run([sys.executable, str(wrapper), "-c", str(config)], capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
+    log = out / "peer.log"  # streamed, so a slow run can be watched: tail -f
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run([sys.executable, str(wrapper), "-c", str(config)], stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            text = log.read_text()
+            raise RuntimeError(f"mlx-lm-lora did not finish {iters} steps in {timeout} s "
+                               f"(> {timeout / iters:.0f} s/step; its log had {len(SPEED.findall(text))} step reports)")
+    text = log.read_text()
     speeds, rewards = [float(x) for x in SPEED.findall(text)], [float(x) for x in REWARD.findall(text)]
     if proc.returncode or len(speeds) < 2:
         raise RuntimeError(f"mlx-lm-lora failed (exit {proc.returncode}): {text[-2000:]}")
@@ -143,6 +151,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds before an mlx-lm-lora run counts as not finished")
     ap.add_argument("--out", default=str(ROOT / "bench" / "grpo.json"))
     args = ap.parse_args()
     model = resolve_model("builtin:smollm2-135m-instruct", dequantize="fp32")
@@ -164,7 +173,7 @@ def main() -> None:
                 out = Path(tmp) / f"r{r}-peer"
                 out.mkdir()
                 try:
-                    row["mlx-lm-lora"] = run_peer(model, peer_data, out, args.iters)
+                    row["mlx-lm-lora"] = run_peer(model, peer_data, out, args.iters, args.peer_timeout)
                     row["step_speed_ratio"] = row["mlx-lm-lora"]["sec_per_step"] / row["mlxft"]["sec_per_step"]
                 except RuntimeError as e:
                     result["peer_error"] = str(e)
