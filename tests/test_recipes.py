@@ -70,7 +70,7 @@ def test_recipe_file_opens_with_its_launch_command(name):
 def test_recipes_demo_the_commit_type_task(name):
     recipe = load_recipe(name, tier=16)
     if recipe.train.method != "sft":
-        pytest.skip("not an SFT recipe: DPO/ORPO demo on datasets/house-style, GRPO on datasets/structured")
+        pytest.skip("not an SFT recipe: DPO/ORPO demo on datasets/house-style, GRPO on datasets/house-style-grpo")
     if recipe.data.path == "datasets/structured":
         pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/evaluation/test_evaluate.py)")
     # the default trains on commit-type plus replay rows that keep general ability and safety
