@@ -29,7 +29,7 @@ from mlxft.errors import ConfigError, ModelError
 from mlxft.models.load import BUILTIN_PREFIX, backend as current_backend, resolve_model
 from mlxft.recipes import resolve_data_dir, usable_memory_bytes
 from mlxft.training.batches import EpochBatches
-from mlxft.training.fast.fastmath import can_build_kernels
+from mlxft.training.fast.fastexp import can_build_kernels
 from mlxft.training.fast.paths import speed_paths
 from mlxft.training.fast.prefix import PAD_MULTIPLE, batch_groups, row_groups
 from mlxft.training.loss import logits_peak_bytes
