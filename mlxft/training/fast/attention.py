@@ -122,8 +122,8 @@ def _chunk_mask(m: mx.array, a: int, b: int, kc: int, L: int, S: int) -> mx.arra
 
 
 def _chunk_scores(q, keys, a, b, kc, scale, causal, m, L, S):
-    """(x, keep) of query rows a:b over the first kc keys: the masked scores (-inf where masked,
-    additive masks added) and where they count."""
+    """(x, keep, scaled queries) of query rows a:b over the first kc keys: the scores (additive
+    masks added) and where they count."""
     B, KV, G, _, D = q.shape
     qc = (q[:, :, :, a:b] * scale).reshape(B, KV, G * (b - a), D)
     x = (qc @ keys[:, :, :kc].swapaxes(-1, -2)).reshape(B, KV, G, b - a, kc)
@@ -134,7 +134,7 @@ def _chunk_scores(q, keys, a, b, kc, scale, causal, m, L, S):
             keep = keep & mc
         else:
             x = x + mc
-    return mx.where(keep, x, -mx.inf), keep, qc
+    return x, keep, qc
 
 
 @functools.lru_cache(maxsize=32)
@@ -157,11 +157,11 @@ def _chunked(rows: int, scale: float, causal: bool, masked: bool):
         for a, b, kc in spans(L, S):
             qa = q if prev is None else mx.depends([q], [prev])[0]  # one chunk's scores alive at a time
             x, keep, _ = _chunk_scores(qa, keys, a, b, kc, scale, causal, m, L, S)
-            top = x.max(axis=-1, keepdims=True)
+            top = mx.where(keep, x, -mx.inf).max(axis=-1, keepdims=True)
             e = exp_kernel(x, top, keep)
             total = e.sum(axis=-1, keepdims=True)
-            p = (e / total).reshape(B, KV, G * (b - a), kc)
-            prev = (p @ values[:, :, :kc]).reshape(B, KV, G, b - a, values.shape[-1])
+            # the softmax's division after the matmul: on (rows x head dim), not (rows x keys)
+            prev = (e.reshape(B, KV, G * (b - a), kc) @ values[:, :, :kc]).reshape(B, KV, G, b - a, -1) / total
             outs.append(prev)
             lses.append(top + mx.log(total))
         return mx.concatenate(outs, axis=3), mx.concatenate(lses, axis=3)

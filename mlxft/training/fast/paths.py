@@ -11,11 +11,13 @@ import contextlib
 from dataclasses import dataclass
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.trainer import grad_checkpoint
 
 from mlxft.config import Recipe
 from mlxft.models import families
+from mlxft.training.fast.allocator import freed_memory_kept, holds_freed_memory
 from mlxft.training.fast.blockwise import supports_blockwise
 from mlxft.training.fast.fastmath import fast_activations
 from mlxft.training.fast.packing import supports_packing
@@ -37,11 +39,15 @@ class SpeedPaths:
     # recomputed activations are alive at a time); where it does not apply, mlx-lm's checkpointing.
     blockwise: bool
     fast_activations: bool  # train.fast_silu: the fast SiLU and fused softmaxes (CPU backend only)
+    # glibc keeps freed blocks for reuse instead of faulting fresh zeroed pages (allocator.py; CPU backend).
+    keep_freed_memory: bool = False
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
-        """Patch the model's modules for the run (checkpointed blocks, fast activations); restored after."""
-        with _grad_checkpointing(model, self.grad_checkpoint and not self.blockwise), fast_activations(self.fast_activations):
+        """Patch the model's modules for the run (checkpointed blocks, fast activations) and set the
+        allocator; restored after."""
+        with _grad_checkpointing(model, self.grad_checkpoint and not self.blockwise), \
+                fast_activations(self.fast_activations), freed_memory_kept(self.keep_freed_memory):
             yield
 
 
@@ -58,7 +64,8 @@ def speed_paths(recipe: Recipe, model: nn.Module | None = None) -> SpeedPaths:
         packing = packing and supports_packing(model, family)
         blockwise = blockwise and supports_blockwise(model, family)
     return SpeedPaths(shared_prefix=shared, packing=packing, grouped_batches=shared and t.group_by_prompt,
-                      grad_checkpoint=t.grad_checkpoint, blockwise=blockwise, fast_activations=t.fast_silu)
+                      grad_checkpoint=t.grad_checkpoint, blockwise=blockwise, fast_activations=t.fast_silu,
+                      keep_freed_memory=mx.default_device().type == mx.DeviceType.cpu and holds_freed_memory())
 
 
 @contextlib.contextmanager
