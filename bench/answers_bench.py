@@ -40,8 +40,12 @@ from train_bench import base_folder, machine  # noqa: E402
 
 RECIPE = "smollm2-135m"
 MAX_LENGTH = 512
-# mlxft variants run in every round beside the default ("name": extra --set overrides).
-VARIANTS = {"mlxft": [], "mlxft, no shared prefix": ["train.shared_prefix=false"]}
+# mlxft variants ("name": extra --set overrides): the first two run by default; the others are the
+# ablation of the speed ideas on this workload (--variants all).
+VARIANTS = {"mlxft": [], "mlxft, no shared prefix": ["train.shared_prefix=false"],
+            "mlxft, packing": ["train.packing=true"], "mlxft, mlx's own kernels": ["train.fast_silu=false"],
+            "mlxft, freed memory returned": ["train.keep_freed_memory=false"]}
+DEFAULT_VARIANTS = ["mlxft", "mlxft, no shared prefix"]
 
 
 def main() -> None:
@@ -49,7 +53,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="mlxft variants to run (names from VARIANTS)")
+    ap.add_argument("--variants", default=";".join(DEFAULT_VARIANTS), help="mlxft variants (names from VARIANTS, ';'-separated, or all)")
+    ap.add_argument("--peers", default="mlx_lm,mlx_lm_lora")
     ap.add_argument("--out", default=str(ROOT / "bench" / "answers_results.json"))
     args = ap.parse_args()
     from mlxft.data.encode import load_tokenizer
@@ -64,13 +69,13 @@ def main() -> None:
     recipe = load_recipe(RECIPE, tier=24, overrides=common)
     order = mlxft_order(recipe, _encoded_rows(recipe.model.source, str(data), None, MAX_LENGTH))
     eot = end_of_turn(base)
-    peers = ["mlx_lm"] + (["mlx_lm_lora"] if importlib.util.find_spec("mlx_lm_lora") else [])
+    peers = [p for p in args.peers.split(",") if p and (p != "mlx_lm_lora" or importlib.util.find_spec("mlx_lm_lora"))]
     configs = {tool: tool_config(tool, base, data, work, iters=args.iters + 1, batch_size=recipe.train.batch_size,
                                  max_seq_length=MAX_LENGTH, num_layers=recipe.lora.num_layers,
                                  learning_rate=recipe.train.learning_rate,
                                  lora={"rank": recipe.lora.rank, "scale": recipe.lora.scale, "dropout": 0.0,
                                        "keys": list(recipe.lora.targets)}) for tool in peers}
-    variants = [v for v in args.variants.split(",") if v]
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(";") if v]
     rounds = []
     for i in range(args.rounds):
         got = {"load_average": os.getloadavg()}
@@ -80,7 +85,7 @@ def main() -> None:
             got[tool] = run_mlx_tool(tool, configs[tool], order, eot, work, skip=args.skip)
         for name in variants + peers:
             m = got[name]
-            print(f"round {i + 1} {name:<24} {m['supervised_tokens_per_sec']:6.1f} supervised tok/s, "
+            print(f"round {i + 1} {name:<30} {m['supervised_tokens_per_sec']:6.1f} supervised tok/s, "
                   f"{m['tokens_per_sec']:5.0f} tok/s, peak {m['peak_memory_gb']:.2f} GB", flush=True)
         got["ratios"] = {f"{a} / {b}": {"supervised": got[a]["supervised_tokens_per_sec"] / got[b]["supervised_tokens_per_sec"],
                                         "total": got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"],

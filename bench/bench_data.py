@@ -40,6 +40,11 @@ def _write(out: Path, rows: list[dict], n_valid: int) -> Path:
     return out
 
 
+def problems_for(length: int) -> int:
+    """Problems per row so that a row (~175 tokens a problem) reaches `length` tokens and is cut there."""
+    return -(-length // 150)
+
+
 def write_long_rows(out: Path, problems: int, n_rows: int, seed: int = 0, n_valid: int = 2) -> Path:
     """`n_rows` training rows (+ `n_valid`) of `problems` GSM8K problems each (module docstring)."""
     data = gsm8k()

@@ -12,8 +12,8 @@ batch 1; the bundled SmolLM2-135M in fp32; LoRA rank 8 on the 7 linear layers of
   this machine's available memory is not started (said in the results). `mlxft plan`'s prediction
   is printed beside every mlxft measurement.
 - limit: the longest sequence each tool trains (checkpointing on, one step) under one fixed memory
-  limit (`mx.set_memory_limit(--limit-gb)`, set in each tool's process): lengths from 512 up in
-  steps of x1.25 until the peak exceeds the limit.
+  limit (`mx.set_memory_limit(--limit-gb)`, set in each tool's process): lengths up in steps of
+  x1.25 until the peak exceeds the limit, from the longest the peaks section saw fit (else 512).
 - llama1b: a random-weight model with Llama-3.2-1B's published shape, written as an fp32 mlx-lm
   folder, trained by `mlxft train` for 3 steps at two settings: plan vs measured.
 
@@ -37,7 +37,7 @@ from mlxft.files import write_atomic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_data import write_long_rows  # noqa: E402
+from bench_data import problems_for, write_long_rows  # noqa: E402
 from peers import end_of_turn, mlxft_order, run_mlx_tool, run_mlxft, tool_config  # noqa: E402
 from train_bench import base_folder, machine  # noqa: E402
 
@@ -73,21 +73,27 @@ class Tools:
 
     def __init__(self, base: Path, work: Path):
         self.base, self.work, self.eot = base, work, end_of_turn(base)
-        self.data = write_long_rows(work / "rows", problems=30, n_rows=4)  # ~5,000 tokens a row: cut at the length
 
-    def mlxft(self, length: int, checkpoint: bool, iters: int, limit: int | None = None) -> dict:
+    def data(self, length: int) -> Path:
+        """Rows that reach `length` tokens (cut there by both tools); the answers are in every row."""
+        out = self.work / f"rows-{length}"
+        return out if out.exists() else write_long_rows(out, problems=problems_for(length), n_rows=4)
+
+    def train_mlxft(self, length: int, checkpoint: bool, iters: int, limit: int | None = None) -> dict:
         overrides = sets(length, checkpoint, iters)
-        out = run_mlxft(RECIPE, self.base, self.data, self.work, overrides, skip=1 if iters > 1 else 0, memory_limit=limit)
-        out["predicted_peak_gb"] = predicted_gb(self.base, self.data, overrides)
+        data = self.data(length)
+        out = run_mlxft(RECIPE, self.base, data, self.work, overrides, skip=1 if iters > 1 else 0, memory_limit=limit)
+        out["predicted_peak_gb"] = predicted_gb(self.base, data, overrides)
         return out
 
-    def mlx_lm(self, length: int, checkpoint: bool, iters: int, limit: int | None = None) -> dict:
+    def train_mlx_lm(self, length: int, checkpoint: bool, iters: int, limit: int | None = None) -> dict:
         from mlxft.recipes import load_recipe
         from mlxft.training.plan import _encoded_rows
 
         recipe = load_recipe(RECIPE, tier=24, overrides=sets(length, checkpoint, iters))
-        order = mlxft_order(recipe, _encoded_rows(recipe.model.source, str(self.data), None, length))
-        config = tool_config("mlx_lm", self.base, self.data, self.work, iters=iters, batch_size=1, max_seq_length=length,
+        data = self.data(length)
+        order = mlxft_order(recipe, _encoded_rows(recipe.model.source, str(data), None, length))
+        config = tool_config("mlx_lm", self.base, data, self.work, iters=iters, batch_size=1, max_seq_length=length,
                              num_layers=-1, learning_rate=recipe.train.learning_rate, grad_checkpoint=checkpoint,
                              lora={"rank": recipe.lora.rank, "scale": recipe.lora.scale, "dropout": 0.0,
                                    "keys": list(recipe.lora.targets)})
@@ -110,7 +116,7 @@ def peaks(tools: Tools, lengths: list[int]) -> list[dict]:
         row = {"length": length, "load_average": os.getloadavg()}
         for checkpoint in (False, True):
             key = "checkpointed" if checkpoint else "plain"
-            row[f"mlxft_{key}"] = tools.mlxft(length, checkpoint, iters=2)
+            row[f"mlxft_{key}"] = tools.train_mlxft(length, checkpoint, iters=2)
             m = row[f"mlxft_{key}"]
             print(f"{length} mlxft {key}: peak {m['peak_memory_gb']:.2f} GB (plan {m['predicted_peak_gb']:.2f}), "
                   f"{m['seconds_per_step']:.1f} s/step", flush=True)
@@ -119,7 +125,7 @@ def peaks(tools: Tools, lengths: list[int]) -> list[dict]:
                 row[f"mlx_lm_{key}"] = {"not_run": f"extrapolated peak {guess:.1f} GB > 70% of the {available_gb():.1f} GB available"}
                 print(f"{length} mlx_lm.lora {key}: not run ({row[f'mlx_lm_{key}']['not_run']})", flush=True)
                 continue
-            row[f"mlx_lm_{key}"] = b = tools.mlx_lm(length, checkpoint, iters=1)
+            row[f"mlx_lm_{key}"] = b = tools.train_mlx_lm(length, checkpoint, iters=1)
             seen.setdefault(key, {})[length] = b["peak_memory_gb"]
             print(f"{length} mlx_lm.lora {key}: peak {b['peak_memory_gb']:.2f} GB", flush=True)
         a, b = row["mlxft_plain"], row["mlxft_checkpointed"]
@@ -143,13 +149,20 @@ def longest_under(run, limit_gb: float, start: int = 512, stop: int = 16384) -> 
     return {"longest": best, "tried": tried}
 
 
-def limit_section(tools: Tools, limit_gb: float, start: int) -> dict:
+def limit_section(tools: Tools, limit_gb: float, start: int, measured: list[dict] | None = None) -> dict:
+    """Each tool's longest length under the limit; a tool's search starts at the longest length the
+    peaks section saw it fit under the limit (else at `start`), to spend no steps below it."""
     limit = int(limit_gb * 1e9)
+
+    def first(key: str) -> int:
+        fits = [r["length"] for r in measured or [] if r.get(key, {}).get("peak_memory_gb", limit_gb + 1) <= limit_gb]
+        return max(fits, default=start)
+
     print(f"longest sequence under mx.set_memory_limit({limit_gb} GB), checkpointing on:", flush=True)
     print(" mlx_lm.lora:", flush=True)
-    b = longest_under(lambda n: tools.mlx_lm(n, True, iters=1, limit=limit), limit_gb, start)
+    b = longest_under(lambda n: tools.train_mlx_lm(n, True, iters=1, limit=limit), limit_gb, first("mlx_lm_checkpointed"))
     print(" mlxft:", flush=True)
-    a = longest_under(lambda n: tools.mlxft(n, True, iters=1, limit=limit), limit_gb, start)
+    a = longest_under(lambda n: tools.train_mlxft(n, True, iters=1, limit=limit), limit_gb, first("mlxft_checkpointed"))
     return {"limit_gb": limit_gb, "mlxft": a, "mlx_lm_lora": b,
             "ratio": (a["longest"] or 0) / b["longest"] if b["longest"] else None}
 
@@ -180,8 +193,9 @@ def llama_1b_section(tools: Tools) -> list[dict]:
     out = []
     for length, checkpoint in ((512, False), (1024, True)):
         overrides = sets(length, checkpoint, iters=3, layers=16)
-        r = run_mlxft(RECIPE, model, tools.data, tools.work, overrides, skip=1)
-        r["predicted_peak_gb"] = predicted_gb(model, tools.data, overrides)
+        data = tools.data(length)
+        r = run_mlxft(RECIPE, model, data, tools.work, overrides, skip=1)
+        r["predicted_peak_gb"] = predicted_gb(model, data, overrides)
         r.update({"length": length, "grad_checkpoint": checkpoint})
         print(f"Llama-3.2-1B shape, {length} tokens, checkpointing {checkpoint}: peak {r['peak_memory_gb']:.2f} GB, "
               f"plan {r['predicted_peak_gb']:.2f} GB ({r['predicted_peak_gb'] / r['peak_memory_gb'] - 1:+.0%})", flush=True)
@@ -203,7 +217,7 @@ def main() -> None:
     if "peaks" in sections:
         report["peaks"] = peaks(tools, [int(n) for n in args.lengths.split(",")])
     if "limit" in sections:
-        report["limit"] = limit_section(tools, args.limit_gb, args.limit_start)
+        report["limit"] = limit_section(tools, args.limit_gb, args.limit_start, report.get("peaks"))
     if "llama1b" in sections:
         report["llama_1b_shape"] = llama_1b_section(tools)
     write_atomic(Path(args.out), json.dumps(report, indent=1))

@@ -141,7 +141,7 @@ def run_mlx_tool(tool: str, config: Path, order: list[list[int]], eot: int, work
             "own_supervised_tokens_per_sec": float(tokens[1]) / sec}
 
 
-MLXFT_CLI = "import sys, mlx.core as mx; limit = int(sys.argv.pop(1)); limit and mx.set_memory_limit(limit); " \
+MLXFT_CLI = "import sys, mlxft, mlx.core as mx; limit = int(sys.argv.pop(1)); limit and mx.set_memory_limit(limit); " \
             "from mlxft.cli import main; sys.argv[0] = 'mlxft'; main()"
 
 

@@ -109,10 +109,39 @@ def _gelu_dispatch(x: mx.array) -> mx.array:
     return gelu_approx(x) if x.dtype == mx.float32 else _STOCK_GELU_APPROX(x)
 
 
+def _swiglu_backward(gate: mx.array, x: mx.array, cotangent: mx.array) -> tuple[mx.array, mx.array]:
+    s = _sigmoid(gate)
+    return cotangent * x * (s * (1.0 + gate * (1.0 - s))), cotangent * (gate * s)
+
+
+@functools.lru_cache(maxsize=1)
+def _swiglu_kernels():
+    """(silu(gate) * x, its two input gradients) as compiled CPU kernels, or None without g++.
+    Measured at 2048 x 1536: forward and backward 72 -> 47 ms of CPU (mlx's compile still splits
+    them at the exp's bit casts, but not at every one of its ~20 operations)."""
+    x = mx.zeros((2, 3))
+    forward = compiled(lambda gate, x: gate * _sigmoid(gate) * x, x, x)
+    backward = compiled(_swiglu_backward, x, x, x)
+    return (forward, backward) if forward is not None and backward is not None else None
+
+
+@mx.custom_function
+def _fused_swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    return _swiglu_kernels()[0](gate, x)
+
+
+@_fused_swiglu.vjp
+def _fused_swiglu_vjp(primals, cotangent, output):
+    return _swiglu_kernels()[1](primals[0], primals[1], cotangent)
+
+
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """mlx-lm's swiglu (silu(gate) * x) on the fast SiLU; other dtypes take mlx-lm's own."""
+    """mlx-lm's swiglu (silu(gate) * x) on the fast SiLU, as fused kernels where mlx can build them;
+    other dtypes take mlx-lm's own."""
     if gate.dtype != mx.float32:
         return stock_swiglu(gate, x)
+    if _swiglu_kernels() is not None:
+        return _fused_swiglu(gate, x)
     return silu(gate) * x
 
 

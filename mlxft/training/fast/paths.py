@@ -26,11 +26,11 @@ from mlxft.training.fast.prefix import supports_shared_prefix
 
 @dataclass(frozen=True)
 class SpeedPaths:
-    # The prompt every row shares runs once per batch (prefix.py). Not with checkpointing:
-    # checkpointed blocks recompute inside mx.checkpoint, so prefix keys/values could not leave them.
+    # The prompt every row shares runs once per batch (prefix.py). Not with checkpointing: its
+    # forward drives the blocks itself, and so does checkpointing by blocks (blockwise.py) on padded rows.
     shared_prefix: bool
-    # Rows end to end in bins (packing.py). Not with checkpointing: mx.checkpoint recomputes a block
-    # after the forward, when the per-token rope is no longer in place.
+    # Rows end to end in bins (packing.py). Not with checkpointing (as above; under mlx-lm's, a block
+    # recomputes after the forward, when the per-token rope is no longer in place).
     packing: bool
     # Every batch drawn from one prefix group (train.group_by_prompt), so the shared prefix always applies.
     grouped_batches: bool
@@ -65,7 +65,8 @@ def speed_paths(recipe: Recipe, model: nn.Module | None = None) -> SpeedPaths:
         blockwise = blockwise and supports_blockwise(model, family)
     return SpeedPaths(shared_prefix=shared, packing=packing, grouped_batches=shared and t.group_by_prompt,
                       grad_checkpoint=t.grad_checkpoint, blockwise=blockwise, fast_activations=t.fast_silu,
-                      keep_freed_memory=mx.default_device().type == mx.DeviceType.cpu and holds_freed_memory())
+                      keep_freed_memory=t.keep_freed_memory and mx.default_device().type == mx.DeviceType.cpu
+                      and holds_freed_memory())
 
 
 @contextlib.contextmanager

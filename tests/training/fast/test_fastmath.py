@@ -64,6 +64,22 @@ def test_silu_values_and_gradients_equal_stock():
     assert odd[0] == np.inf and not np.isfinite(odd[1]) and np.isnan(odd[2])
 
 
+def test_fused_swiglu_values_and_gradients_equal_stock():
+    """The SwiGLU swapped into training (fused kernels where g++ builds them) against silu(gate) * x."""
+    from mlxft.training.fast.fastmath import swiglu
+
+    rng = np.random.default_rng(8)
+    gate = mx.array(np.concatenate([np.linspace(-90, 90, 4001), rng.normal(0, 4, 3999)]).astype(np.float32).reshape(80, 100))
+    x = mx.array(rng.normal(0, 2, (80, 100)).astype(np.float32))
+    w = mx.array(rng.normal(size=(80, 100)).astype(np.float32))
+    ref, got = nn.silu(gate) * x, swiglu(gate, x)
+    assert float(mx.abs(got - ref).max().item()) <= 2e-6 * float(mx.abs(ref).max().item())
+    g_ref = mx.grad(lambda g, x: ((nn.silu(g) * x) * w).sum(), argnums=(0, 1))(gate, x)
+    g_got = mx.grad(lambda g, x: (swiglu(g, x) * w).sum(), argnums=(0, 1))(gate, x)
+    for a, b in zip(g_ref, g_got):
+        assert float(mx.abs(a - b).max().item()) <= 1e-5 * float(mx.abs(a).max().item())
+
+
 def test_fast_activations_swaps_mlx_lm_swiglu_and_restores(tiny_model):
     from mlx_lm.models import llama
     from mlx_lm.utils import load
