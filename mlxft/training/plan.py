@@ -60,10 +60,11 @@ CHECKPOINT_SHARE = 0.8
 # ATTN_CHUNKED * heads * head_dim instead of ACT_ATTN * heads * keys, plus ATTN_CHUNKS chunks of
 # scores in flight (MLX evaluates a few operations ahead). Checkpointing by blocks keeps every
 # trainable block's input and BLOCKWISE_BLOCKS blocks' activations (the recomputed block and its
-# backward). Fitted to SmolLM2-135M at 1024-4096 tokens and a Llama-3.2-1B-shaped model (README).
-ATTN_CHUNKED = 4.0
+# backward) with BLOCKWISE_ATTN_CHUNKS chunks in flight. Fitted to SmolLM2-135M at 1024-4096 tokens and a Llama-3.2-1B-shaped model (README).
+ATTN_CHUNKED = 7.0
 ATTN_CHUNKS = 12
 BLOCKWISE_BLOCKS = 3.0
+BLOCKWISE_ATTN_CHUNKS = 8  # evaluated block by block, MLX runs less far ahead
 # Achieved share of the measured matmul FLOP/s for a LoRA step on the CPU (bench/train_bench.py).
 STEP_EFFICIENCY = 0.4
 
@@ -211,11 +212,12 @@ def activation_bytes(recipe: Recipe, shape: Shape, batch: Batch, n_train: int, a
     chunked = fused and rows < batch.suffix
     attention = ATTN_CHUNKED * shape.heads * shape.hd if chunked else ACT_ATTN * shape.heads * keys
     per_token = ACT_D * D + ACT_F * F + attention + 4 * recipe.lora.rank * 7
-    chunks = -(-batch.suffix // rows)  # ATTN_CHUNKS chunks of fp32 scores in flight, never more than there are
-    transient = min(ATTN_CHUNKS, chunks) * batch.rows * shape.heads * rows * keys * 4 if chunked else 0
+    chunks = -(-batch.suffix // rows)  # chunks of fp32 scores in flight, never more than there are
+    chunk = batch.rows * shape.heads * rows * keys * 4 if chunked else 0
     tokens = batch.padded * a_bytes
     if speed_paths(recipe).blockwise:  # every block's input, then one block at a time (blockwise.py)
-        return n_train * D * tokens, BLOCKWISE_BLOCKS * per_token * tokens + transient
+        return n_train * D * tokens, BLOCKWISE_BLOCKS * per_token * tokens + min(BLOCKWISE_ATTN_CHUNKS, chunks) * chunk
+    transient = min(ATTN_CHUNKS, chunks) * chunk
     if t.grad_checkpoint:  # mlx-lm's mx.checkpoint per block
         kept = n_train * D + max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) * per_token
     else:
