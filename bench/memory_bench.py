@@ -7,10 +7,12 @@ batch 1; the bundled SmolLM2-135M in fp32; LoRA rank 8 on the 7 linear layers of
 
 - peaks: at max length 1024, 2048 and 4096, each tool with and without gradient checkpointing
   (mlxft: train.grad_checkpoint, by blocks; mlx_lm.lora: --grad-checkpoint), alternating; peak =
-  mx.get_peak_memory over the run; mlxft's plain and checkpointed step times (the second step) give
-  checkpointing's cost. A run whose peak, extrapolated from the shorter lengths, would not fit in
+  mx.get_peak_memory over the run. A run whose peak, extrapolated from the shorter lengths, would not fit in
   this machine's available memory is not started (said in the results). `mlxft plan`'s prediction
   is printed beside every mlxft measurement.
+- cost: checkpointing's step cost, measured in one process at 2048 tokens: a plain and a
+  checkpointed step on the same row in turn, 3 rounds (single steps in separate runs vary too much
+  on a shared machine).
 - limit: the longest sequence each tool trains (checkpointing on, one step) under one fixed memory
   limit (`mx.set_memory_limit(--limit-gb)`, set in each tool's process): lengths up in steps of
   x1.25 until the peak exceeds the limit, from the longest the peaks section saw fit (else 512).
@@ -129,7 +131,7 @@ def peaks(tools: Tools, lengths: list[int]) -> list[dict]:
             seen.setdefault(key, {})[length] = b["peak_memory_gb"]
             print(f"{length} mlx_lm.lora {key}: peak {b['peak_memory_gb']:.2f} GB", flush=True)
         a, b = row["mlxft_plain"], row["mlxft_checkpointed"]
-        row["checkpoint_step_cost"] = b["seconds_per_step"] / a["seconds_per_step"]
+        row["single_run_step_cost"] = b["seconds_per_step"] / a["seconds_per_step"]  # noisy: see the cost section
         if "peak_memory_gb" in row["mlx_lm_checkpointed"]:
             row["checkpointed_memory_ratio"] = b["peak_memory_gb"] / row["mlx_lm_checkpointed"]["peak_memory_gb"]
         out.append(row)
@@ -165,6 +167,48 @@ def limit_section(tools: Tools, limit_gb: float, start: int, measured: list[dict
     a = longest_under(lambda n: tools.train_mlxft(n, True, iters=1, limit=limit), limit_gb, first("mlxft_checkpointed"))
     return {"limit_gb": limit_gb, "mlxft": a, "mlx_lm_lora": b,
             "ratio": (a["longest"] or 0) / b["longest"] if b["longest"] else None}
+
+
+def cost_section(tools: Tools, length: int, rounds: int) -> dict:
+    """Checkpointing's step cost, in one process: the same row, a plain step and a checkpointed step
+    in turn (`rounds` each, after one warm-up of each), the same forwards `mlxft train` builds."""
+    import statistics
+
+    import mlx.core as mx
+
+    from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
+    from mlxft.models.load import load_base
+    from mlxft.recipes import load_recipe
+    from mlxft.training.adapters import attach_adapters
+    from mlxft.training.fast.paths import speed_paths
+    from mlxft.training.sft import choose_forward
+
+    data = tools.data(length)
+    recipes = {k: load_recipe(RECIPE, tier=24, overrides=[f"model.source={tools.base}", *sets(length, k == "checkpointed", 1)])
+               for k in ("plain", "checkpointed")}
+    tok, _ = load_tokenizer(str(tools.base))
+    row = encode_rows(tok, load_splits(data, ("train",))["train"][:1], None, length)
+    model = load_base(str(tools.base), tokenizer=tok).model
+    attach_adapters(model, recipes["plain"])
+    model.train()
+    runs = {}
+    for key, recipe in recipes.items():
+        paths = speed_paths(recipe, model)
+        runs[key] = (paths, choose_forward(model, recipe, paths))
+    times = {k: [] for k in runs}
+    for i in range(rounds + 1):
+        for key, (paths, forward) in runs.items():
+            with paths.applied(model):
+                tic = time.perf_counter()
+                mx.eval(forward.loss_and_grad(model, row))
+                if i:  # the first of each is a warm-up
+                    times[key].append(time.perf_counter() - tic)
+        if i:
+            print(f"  round {i}: plain {times['plain'][-1]:.1f} s, checkpointed {times['checkpointed'][-1]:.1f} s "
+                  f"({times['checkpointed'][-1] / times['plain'][-1]:.2f}x)", flush=True)
+    ratios = [b / a for a, b in zip(times["plain"], times["checkpointed"])]
+    return {"length": length, "seconds": times, "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "load_average": os.getloadavg()}
 
 
 def write_llama_1b(out: Path, tokenizer_from: Path) -> Path:
@@ -205,7 +249,9 @@ def llama_1b_section(tools: Tools) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="peaks,limit,llama1b")
+    ap.add_argument("--sections", default="peaks,cost,limit,llama1b")
+    ap.add_argument("--cost-length", type=int, default=2048)
+    ap.add_argument("--cost-rounds", type=int, default=3)
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--limit-gb", type=float, default=1.5)
     ap.add_argument("--limit-start", type=int, default=512)
@@ -216,6 +262,9 @@ def main() -> None:
     report = {"what": __doc__.splitlines()[0], "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if "peaks" in sections:
         report["peaks"] = peaks(tools, [int(n) for n in args.lengths.split(",")])
+    if "cost" in sections:
+        print(f"checkpointing's step cost at {args.cost_length} tokens (same process, steps in turn):", flush=True)
+        report["checkpoint_cost"] = cost_section(tools, args.cost_length, args.cost_rounds)
     if "limit" in sections:
         report["limit"] = limit_section(tools, args.limit_gb, args.limit_start, report.get("peaks"))
     if "llama1b" in sections:
@@ -224,7 +273,11 @@ def main() -> None:
     for row in report.get("peaks", []):
         if "checkpointed_memory_ratio" in row:
             print(f"{row['length']}: checkpointed peak mlxft / mlx_lm.lora {row['checkpointed_memory_ratio']:.2f}x "
-                  f"(target <= 0.4x at 4096); checkpointing's step cost {row['checkpoint_step_cost']:.2f}x (target <= 1.4x)")
+                  f"(target <= 0.4x at 4096)")
+    if report.get("checkpoint_cost"):
+        c = report["checkpoint_cost"]
+        print(f"checkpointing's step cost at {c['length']} tokens: {c['median_ratio']:.2f}x the plain step (target <= 1.4x; "
+              f"rounds {', '.join(f'{r:.2f}' for r in c['ratios'])})")
     if report.get("limit"):
         lim = report["limit"]
         print(f"longest under {lim['limit_gb']} GB: mlxft {lim['mlxft']['longest']}, mlx_lm.lora {lim['mlx_lm_lora']['longest']}"
