@@ -26,10 +26,11 @@ from mlxft.config import Recipe
 from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
 from mlxft.doctor import matmul_gflops
 from mlxft.errors import ConfigError
+from mlxft.models import families
 from mlxft.models.load import backend as current_backend
 from mlxft.recipes import resolve_data_dir, usable_memory_bytes
 from mlxft.training.batches import EpochBatches
-from mlxft.training.fast.attention import CHUNK_BYTES as ATTN_CHUNK_BYTES, chunk_rows as attention_chunk_rows
+from mlxft.training.fast.attention import chunk_rows as attention_chunk_rows
 from mlxft.training.fast.fastexp import can_build_kernels
 from mlxft.training.fast.paths import speed_paths
 from mlxft.training.fast.prefix import PAD_MULTIPLE, batch_groups, row_groups
@@ -51,6 +52,8 @@ HEADROOM = 0.9
 # OUTSIDE_D) is loose; their sum per token is what was measured.
 ACT_D, ACT_F, ACT_ATTN = 0.09, 3.75, 2.83
 OUTSIDE_D = 34.5
+# The fused SwiGLU (CPU training, fastmath.py) keeps its two inputs, not the SiLU's output too.
+FUSED_SWIGLU_SAVES = 1.0
 # Under mlx-lm's gradient checkpointing MLX still keeps many blocks' full activations alive
 # (it recomputes ahead): fitted 80% of the trainable blocks, never fewer than 2 blocks' worth.
 # (mlxft checkpoints by blocks where the family allows: fast/blockwise.py, BLOCKWISE_BLOCKS below.)
@@ -60,11 +63,10 @@ CHECKPOINT_SHARE = 0.8
 # ATTN_CHUNKED * heads * head_dim instead of ACT_ATTN * heads * keys, plus ATTN_CHUNKS chunks of
 # scores in flight (MLX evaluates a few operations ahead). Checkpointing by blocks keeps every
 # trainable block's input and BLOCKWISE_BLOCKS blocks' activations (the recomputed block and its
-# backward) with BLOCKWISE_ATTN_CHUNKS chunks in flight. Fitted to SmolLM2-135M at 1024-4096 tokens and a Llama-3.2-1B-shaped model (README).
+# backward). Fitted to SmolLM2-135M at 1024-4096 tokens and a Llama-3.2-1B-shaped model (README).
 ATTN_CHUNKED = 7.0
 ATTN_CHUNKS = 12
 BLOCKWISE_BLOCKS = 3.0
-BLOCKWISE_ATTN_CHUNKS = 8  # evaluated block by block, MLX runs less far ahead
 # Achieved share of the measured matmul FLOP/s for a LoRA step on the CPU (bench/train_bench.py).
 STEP_EFFICIENCY = 0.4
 
@@ -211,12 +213,13 @@ def activation_bytes(recipe: Recipe, shape: Shape, batch: Batch, n_train: int, a
     rows = attention_chunk_rows(batch.rows, shape.heads, batch.suffix, keys)
     chunked = fused and rows < batch.suffix
     attention = ATTN_CHUNKED * shape.heads * shape.hd if chunked else ACT_ATTN * shape.heads * keys
-    per_token = ACT_D * D + ACT_F * F + attention + 4 * recipe.lora.rank * 7
+    act_f = ACT_F - FUSED_SWIGLU_SAVES if fused and recipe.model.family in families.SWIGLU else ACT_F
+    per_token = ACT_D * D + act_f * F + attention + 4 * recipe.lora.rank * 7
     chunks = -(-batch.suffix // rows)  # chunks of fp32 scores in flight, never more than there are
     chunk = batch.rows * shape.heads * rows * keys * 4 if chunked else 0
     tokens = batch.padded * a_bytes
     if speed_paths(recipe).blockwise:  # every block's input, then one block at a time (blockwise.py)
-        return n_train * D * tokens, BLOCKWISE_BLOCKS * per_token * tokens + min(BLOCKWISE_ATTN_CHUNKS, chunks) * chunk
+        return n_train * D * tokens, BLOCKWISE_BLOCKS * per_token * tokens + min(ATTN_CHUNKS, chunks) * chunk
     transient = min(ATTN_CHUNKS, chunks) * chunk
     if t.grad_checkpoint:  # mlx-lm's mx.checkpoint per block
         kept = n_train * D + max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) * per_token
