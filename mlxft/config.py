@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-TRAIN_METHODS = ("sft", "dpo", "orpo")
+TRAIN_METHODS = ("sft", "dpo", "orpo", "grpo")
+GRPO_LOSSES = ("grpo", "dr_grpo")
 DPO_LOSSES = ("sigmoid", "ipo")
 MEMORY_TIERS = (8, 16, 24, 32, 48, 64, 96, 128)  # GB of unified memory / RAM
 
@@ -120,6 +121,25 @@ class PreferenceConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """GRPO settings, used when train.method is grpo (mlxft/training/grpo.py)."""
+
+    num_generations: int = 4  # completions sampled per prompt: the group whose rewards are compared
+    max_completion_length: int = 64  # tokens per completion; an unfinished one is scored as it stands
+    temperature: float = 0.9  # sampling temperature: too low and a group's completions (and rewards) are all equal
+    top_p: float = 1.0
+    beta: float = 0.04  # weight of the KL term to the base (the adapter switched off); 0 = no reference
+    epsilon: float = 0.2  # PPO clip of the probability ratio to the sampling policy
+    loss: str = "grpo"  # grpo: std-normalised advantages, per-sequence mean | dr_grpo: neither normalisation
+    # Rewards, each "NAME[=VALUE][:WEIGHT]": a scorer of `reward_suite` by its name (its parameters as
+    # the suite has them), a scorer type with no parameters (json_valid, exact_match, refusal, ...),
+    # max_words=N / max_chars=N (1 within the limit, falling to 0 at twice it), or judge=MODEL.
+    rewards: list[str] = field(default_factory=list)
+    reward_suite: str | None = None  # the eval suite whose scorers the rewards name (what you optimise = what you measure)
+    reward_functions: list[str] = field(default_factory=list)  # "path/to/file.py:fn[:WEIGHT]"; fn(completion, example) -> float
+
+
+@dataclass
 class EvalConfig:
     max_tokens: int = 8  # generation budget when a run is scored on its own test split (no suites)
     # Suites in evals/ that `mlxft eval RUN` and `train --compare` run; empty = the run's test split.
@@ -142,6 +162,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     # Base-weight quantization bits for training (QLoRA): None/0 = keep the source precision.
     # Set per tier; on CPU backends mlxft trains on a dequantized base regardless (see train).
     quantize: int | None = None
@@ -162,7 +183,7 @@ class Recipe:
             return section(**{k: v for k, v in values.items() if k in names})
 
         sections = {"model": ModelConfig, "lora": LoraConfig, "train": TrainConfig, "data": DataConfig,
-                    "eval": EvalConfig, "preference": PreferenceConfig}
+                    "eval": EvalConfig, "preference": PreferenceConfig, "grpo": GrpoConfig}
         recipe = build(cls, {k: v for k, v in data.items() if k not in sections and k != "tiers"})
         for name, section in sections.items():
             setattr(recipe, name, build(section, data.get(name) or {}))

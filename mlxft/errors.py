@@ -17,3 +17,12 @@ class DataError(MlxftError):
 
 class ModelError(MlxftError):
     """A model cannot be found, downloaded, converted or loaded."""
+
+
+class WriteError(MlxftError, OSError):
+    """A file could not be written (a full disk, permissions); the message names the path and what
+    is left of it. Also an OSError, so code that handles failed writes keeps handling it."""
+
+    def __init__(self, message: str, path=None, errno: int | None = None):
+        super().__init__(message)
+        self.path, self.errno = path, errno

@@ -8,20 +8,40 @@ import os
 import tempfile
 from pathlib import Path
 
+from mlxft.errors import WriteError
+
+
+def write_error(path: Path, error: Exception, kept: str | None = None) -> WriteError:
+    """A failed write (OSError; mlx's save functions raise RuntimeError) as one typed error naming
+    the path and what is left there: `kept`, else the previous file (unchanged) or nothing."""
+    if isinstance(error, WriteError):
+        return error
+    errno = getattr(error, "errno", None)
+    reason = os.strerror(errno) if errno else str(error) or type(error).__name__
+    if kept is None:
+        kept = f"the previous {Path(path).name} is unchanged" if Path(path).exists() else "nothing was written there"
+    return WriteError(f"could not write {path} ({reason}); {kept}", path, errno)
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file so that readers see the old content or the new, never half."""
+    """Write a file so that readers see the old content or the new, never half.
+
+    A failed write (a full disk) raises WriteError naming `path`; the old content stays."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
 
 

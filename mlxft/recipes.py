@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import yaml
 
-from mlxft.config import DPO_LOSSES, FINE_TUNE_TYPES, LR_SCHEDULES, MEMORY_TIERS, Recipe, TierConfig, TRAIN_METHODS
+from mlxft.config import (
+    DPO_LOSSES, FINE_TUNE_TYPES, GRPO_LOSSES, LR_SCHEDULES, MEMORY_TIERS, TRAIN_METHODS, Recipe, TierConfig,
+)
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
@@ -58,6 +60,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preference.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
     "preference.loss": (lambda v: v in DPO_LOSSES, f"one of {', '.join(DPO_LOSSES)}"),
     "preference.orpo_lambda": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.num_generations": (lambda v: v >= 2, "an int >= 2 (a group needs two completions to compare)"),
+    "grpo.max_completion_length": (lambda v: v > 0, "a positive int"),
+    "grpo.temperature": (lambda v: v > 0, "a positive number (sampling; 0 would make every completion equal)"),
+    "grpo.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "grpo.beta": (lambda v: v >= 0, "a number >= 0"),
+    "grpo.epsilon": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "grpo.loss": (lambda v: v in GRPO_LOSSES, f"one of {', '.join(GRPO_LOSSES)}"),
 }
 
 # PyYAML (YAML 1.1) reads `2e-4` as a string; only `2.0e-4` is a float. Accept both.
@@ -239,6 +248,12 @@ def _read_yaml(path: Path, problems: list[str]) -> dict:
         line = f"line {mark.line + 1}: " if mark else ""
         reason = getattr(error, "problem", None) or str(error)
         problems.append(f"{path}: {line}invalid YAML: {reason}")
+        return {}
+    except RecursionError:
+        problems.append(f"{path}: invalid YAML: nested too deeply to be a recipe")
+        return {}
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not valid UTF-8 (byte {e.start}); save it as UTF-8")
         return {}
     if data is None:
         return {}
@@ -423,7 +438,7 @@ def _parse_value(text: str, hint: Any) -> Any:
     """YAML-parse an override value; a str field keeps the raw text ("Reply: yes" stays text)."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML: the text as it is (the type check then says so)
         value = text
     if value is not None and not isinstance(value, str) and _accepts_str(hint):
         return text.strip()

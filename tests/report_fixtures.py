@@ -1,7 +1,7 @@
 """Fabricated run folders (config.json + metrics.jsonl + eval.json) for report and `mlxft runs` tests.
 
-They follow what mlxft/training/train.py writes and the eval.json contract (version 2), so layout tests
-run in milliseconds; tests/test_report.py also reports on one real tiny training run.
+They follow what mlxft/training/setup.py writes and the eval.json contract (version 2), so layout tests
+run in milliseconds; tests/runs/test_report.py also reports on one real tiny training run.
 """
 
 from __future__ import annotations

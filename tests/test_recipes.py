@@ -70,9 +70,9 @@ def test_recipe_file_opens_with_its_launch_command(name):
 def test_recipes_demo_the_commit_type_task(name):
     recipe = load_recipe(name, tier=16)
     if recipe.train.method != "sft":
-        pytest.skip("a preference recipe: its demo is datasets/house-style (tests/test_preference.py)")
+        pytest.skip("not an SFT recipe: DPO/ORPO demo on datasets/house-style, GRPO on datasets/structured")
     if recipe.data.path == "datasets/structured":
-        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/test_eval.py)")
+        pytest.skip("the structured-output demo (evals/structured-output.yaml; tests/evaluation/test_evaluate.py)")
     # the default trains on commit-type plus replay rows that keep general ability and safety
     assert recipe.data.path == ("datasets/commit-type-replay" if name == "smollm2-135m" else "datasets/commit-type")
     assert recipe.data.system_prompt == COMMIT_TYPE_PROMPT

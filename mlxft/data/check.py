@@ -86,10 +86,12 @@ def check_dataset(ds: Dataset, path, recipe=None, tokenizer=None, required_split
         if split not in ds.splits:
             report.problems.append(Problem("error", str(path), f"no {split} split (expected {split}.jsonl)", "split"))
     system = recipe.data.system_prompt if recipe is not None else None
+    prompts = recipe is not None and recipe.train.method == "grpo"  # GRPO learns from prompts, not answers
     for split, rows in ds.splits.items():
-        check_rows(rows, report)
+        check_rows(rows, report, prompts)
         report.stats[split] = {"rows": len(rows)}
     check_duplicates(ds, report)
+    check_usable(ds, report)
     check_system_prompts(ds, report, system)
     if tokenizer is not None:
         report.max_seq_length = recipe.train.max_seq_length if recipe is not None else None
@@ -105,18 +107,29 @@ def check_dataset(ds: Dataset, path, recipe=None, tokenizer=None, required_split
 # ---------------------------------------------------------------- row structure
 
 
-def check_rows(rows: list[Example], report: Report) -> None:
+def check_rows(rows: list[Example], report: Report, prompts: bool = False) -> None:
     for ex in rows:
-        errors, warnings = validate_row(ex.row)
+        errors, warnings = validate_row(ex.row, prompts)
         for msg in errors:
             report.problems.append(Problem("error", ex.where, msg, "structure"))
             report.dropped.setdefault(ex.where, msg)
         report.problems += [Problem("warning", ex.where, msg, "structure") for msg in warnings]
 
 
-def validate_row(row: dict) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for one normalised row: roles, empty turns, role order, an assistant turn."""
+def check_usable(ds: Dataset, report: Report) -> None:
+    """Rows were read, but every one has an error: there is nothing to train on (never "OK to train")."""
+    rows = [ex for split in ds.splits.values() for ex in split]
+    if rows and all(ex.where in report.dropped for ex in rows):
+        report.problems.append(Problem("error", report.path, f"no usable rows: each of the {len(rows)} rows has "
+                                       "an error (listed above)", "no-rows"))
+
+
+def validate_row(row: dict, prompts: bool = False) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for one normalised row: roles, empty turns, role order, an assistant turn.
+    `prompts` (GRPO): a row is a prompt to sample answers for: it needs a user turn, no answer."""
     if "text" in row:
+        if prompts:
+            return ["a plain text row has no prompt: GRPO needs chat rows with a user turn, or {\"prompt\": ...}"], []
         return ([] if row["text"].strip() else ["empty text"]), []
     messages = row["messages"]
     if not messages:
@@ -124,6 +137,11 @@ def validate_row(row: dict) -> tuple[list[str], list[str]]:
     errors = [e for i, m in enumerate(messages) for e in _message_errors(i, m)]
     if errors:
         return errors, []
+    if prompts:
+        if not any(m["role"] == "user" for m in messages):
+            return ["no user turn: GRPO samples answers to the last user message"], []
+        order = _order_error(messages)
+        return ([order] if order else []), []
     if not any(m["role"] == "assistant" for m in messages):
         return ["conversation has no assistant turn (nothing to learn)"], []
     order = _order_error(messages)

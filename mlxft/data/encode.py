@@ -56,7 +56,7 @@ def read_chat_jsonl(path: Path, need_role: str = "assistant", allow_text: bool =
             raise DataError(f"{path}:{lineno}: conversation has no {need_role} turn")
         rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines); expected one JSON object per line")
     return rows
 
 
@@ -345,7 +345,6 @@ def masked_encoding(tokenizer, full: list[int], spans, plain: bool, max_length: 
 def load_tokenizer(source: str):
     """The tokenizer `load_base(source)` would give (with DEFAULT_CHAT_TEMPLATE when the model has none),
     without loading the weights. Returns (tokenizer, used_default_template)."""
-
 
     gguf_like = source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf")
     path = resolve_model(source, dequantize=("fp32" if backend() == "cpu" else "bf16") if gguf_like else None)

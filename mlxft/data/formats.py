@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlxft.errors import DataError
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completions", "text", "preference")
+FORMATS = ("chat", "sharegpt", "alpaca", "completions", "text", "preference", "prompts")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
 # Folder file stems that name a split; anything else in a folder is one pool of rows.
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
@@ -33,12 +33,13 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # one row this long is a broken export, not a 
 # Keys a row may carry besides its format's own (ignored, not warned about).
 _NEUTRAL_KEYS = {"id", "source", "metadata"}
 _KEYS = {
-    "chat": ({"messages"}, {"tools", "rejected"}),
+    "chat": ({"messages"}, {"tools", "rejected", "reference"}),
     "sharegpt": ({"conversations"}, {"system", "tools"}),
     "alpaca": ({"instruction", "output"}, {"input", "system"}),
     "completions": ({"prompt", "completion"}, {"system"}),
     "text": ({"text"}, set()),
     "preference": ({"chosen", "rejected"}, {"prompt", "messages", "system"}),
+    "prompts": ({"prompt"}, {"reference", "system"}),  # GRPO: a prompt, and optionally what a reward compares with
 }
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool", "observation": "tool", "function_response": "tool"}
@@ -134,8 +135,28 @@ def load_dataset(path: Path, fmt: str | None = None) -> Dataset:
         for f in files:
             ds.files.append(f)
             records = read_records(f, ds.problems)
+            before = len(rows)
             ds.formats[str(f)] = _normalise_file(f, records, fmt, rows, ds.problems)
+            if records and len(rows) == before:
+                _no_usable_rows(f, records, fmt, ds.problems)
+    if not any(ds.splits.values()):  # never "OK to train" on nothing
+        ds.problems.append(Problem("error", str(path), f"no usable rows in {path} (see the problems above)",
+                                   "no-rows"))
     return ds
+
+
+def _no_usable_rows(path: Path, records, fmt: str | None, problems: list[Problem]) -> None:
+    """A file whose records all failed: say so once, naming the columns when none fits a format."""
+    keys = sorted({str(k) for _, obj in records if isinstance(obj, dict) for k in obj})
+    shapeless = all(isinstance(obj, dict) and detect_row(obj) is None for _, obj in records)
+    if fmt is None and shapeless:
+        found = ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "") or "none"
+        expected = "; ".join(f"{name}: {', '.join(sorted(_KEYS[name][0]))}" for name in FORMATS)
+        message = f"no usable rows: the columns found ({found}) match no known format; expected ({expected})"
+    else:
+        message = ("no usable rows: its only row has an error (above)" if len(records) == 1 else
+                   f"no usable rows: all {len(records)} rows have errors (listed above)")
+    problems.append(Problem("error", str(path), message, "no-rows"))
 
 
 # ---------------------------------------------------------------- reading
@@ -185,6 +206,9 @@ def _decode(raw: bytes, where: str, problems: list[Problem]) -> str | None:
         return None
 
 
+_UNREADABLE = object()  # what _parse_json returns for text that is not JSON (None is JSON null)
+
+
 def _parse_json(text: str, where: str, problems: list[Problem]):
     try:
         return json.loads(text)
@@ -192,7 +216,7 @@ def _parse_json(text: str, where: str, problems: list[Problem]):
         problems.append(Problem("error", where, f"invalid JSON ({e.msg} at column {e.colno})", "json"))
     except RecursionError:
         problems.append(Problem("error", where, "JSON nested too deeply to be a training row", "json"))
-    return None
+    return _UNREADABLE
 
 
 def _read_jsonl(path: Path, data: bytes, problems: list[Problem]) -> list[tuple[str, object]]:
@@ -207,8 +231,8 @@ def _read_jsonl(path: Path, data: bytes, problems: list[Problem]) -> list[tuple[
                                     f"{MAX_LINE_BYTES // 2**20} MiB a row may be", "too-long"))
             continue
         text = _decode(raw, where, problems)
-        obj = _parse_json(text, where, problems) if text is not None else None
-        if obj is not None:
+        obj = _parse_json(text, where, problems) if text is not None else _UNREADABLE
+        if obj is not _UNREADABLE:  # a JSON null is a row too (reported as one), not a skipped line
             out.append((where, obj))
     return out
 
@@ -228,6 +252,8 @@ def _read_json_array(path: Path, data: bytes, problems: list[Problem]) -> list[t
     if not isinstance(obj, list):
         problems.append(Problem("error", str(path), f"expected a JSON array of rows, got a JSON {_kind(obj)}", "type"))
         return []
+    if not obj:
+        problems.append(Problem("error", str(path), "no rows: the JSON array is empty", "no-rows"))
     return [(f"{path}[{i}]", item) for i, item in enumerate(obj)]
 
 
@@ -243,7 +269,8 @@ def _read_csv(path: Path, data: bytes, delimiter: str, problems: list[Problem]) 
         if not header or any(not (h or "").strip() for h in header):
             problems.append(Problem("error", f"{path}:1", f"header needs a name for every column, got {header}", "csv"))
             return []
-        for row in reader:
+        seen = 0
+        for seen, row in enumerate(reader, 1):
             where = f"{path}:{reader.line_num}"
             if None in row or any(v is None for v in row.values()):
                 n = len(header) + len(row.get(None, [])) - sum(v is None for v in row.values())
@@ -253,6 +280,10 @@ def _read_csv(path: Path, data: bytes, delimiter: str, problems: list[Problem]) 
             out.append((where, _json_cells(row)))
     except csv.Error as e:
         problems.append(Problem("error", f"{path}:{reader.line_num}", f"CSV: {e}", "csv"))
+        return out
+    if not seen:
+        problems.append(Problem("error", str(path), f"no rows: only a header line (columns: {', '.join(header)})",
+                                "no-rows"))
     return out
 
 
@@ -280,7 +311,7 @@ def detect_row(obj) -> str | None:
     """The format a row's keys say it is in, or None."""
     if not isinstance(obj, dict):
         return None
-    for fmt in ("preference", "chat", "sharegpt", "alpaca", "completions", "text"):
+    for fmt in ("preference", "chat", "sharegpt", "alpaca", "completions", "text", "prompts"):
         if _KEYS[fmt][0] <= obj.keys():
             return fmt
     return None
@@ -369,6 +400,8 @@ def _chat(obj: dict) -> dict:
         row["tools"] = obj["tools"]
     if obj.get("rejected") is not None:
         row["rejected"] = obj["rejected"]
+    if obj.get("reference") is not None:
+        row["reference"] = _text(obj["reference"], "reference")
     return row
 
 
@@ -413,6 +446,16 @@ def _completions(obj: dict) -> dict:
     return {"messages": _with_system(obj, msgs)}
 
 
+def _prompts(obj: dict) -> dict:
+    """A prompt-only row (GRPO): the user turn, with the reference a reward may compare with."""
+    prompt = obj["prompt"]
+    messages = _messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(prompt, "prompt")}]
+    row = {"messages": _with_system(obj, messages)}
+    if obj.get("reference") is not None:
+        row["reference"] = _text(obj["reference"], "reference")
+    return row
+
+
 def _plain(obj: dict) -> dict:
     return {"text": _text(obj["text"], "text")}
 
@@ -443,4 +486,4 @@ def _answer(value, what: str, prompt: list[dict]) -> list[dict]:
 
 
 _NORMALISERS = {"chat": _chat, "sharegpt": _sharegpt, "alpaca": _alpaca, "completions": _completions,
-                "text": _plain, "preference": _preference}
+                "text": _plain, "preference": _preference, "prompts": _prompts}

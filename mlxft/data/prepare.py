@@ -23,7 +23,7 @@ from pathlib import Path
 from mlxft.data.check import Report, check_duplicates, check_rows, check_tokens
 from mlxft.data.formats import Example, load_dataset, near_key
 from mlxft.errors import DataError
-from mlxft.files import jsonl
+from mlxft.files import jsonl, write_error
 
 DEFAULT_SPLIT = (0.9, 0.05, 0.05)
 
@@ -156,14 +156,19 @@ def _refuse_non_empty(out: Path) -> None:
 
 def write_folder(out: Path, files: dict[str, bytes]) -> None:
     """Write all files into a temporary folder beside `out`, then rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp, name = None, None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
+        name = None
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename cannot replace a folder
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk: nothing half-written is left, and the message says where
+            raise write_error(out / name if name else out, e, f"nothing was written to {out}") from e
         raise

@@ -74,7 +74,6 @@ def judge_pairs(judge: Judge, judge_fn: JudgeFn, examples: list[Example], base: 
 def mlx_judge(model, tokenizer, batch_size: int = 8) -> JudgeFn:
     """A judge function over a local MLX model: verdict = the likelier next token of "A" vs "B"."""
 
-
     choice = [tokenizer.encode(c, add_special_tokens=False)[0] for c in ("A", "B")]
     if choice[0] == choice[1]:
         raise ValueError("the judge's tokenizer gives 'A' and 'B' the same first token")

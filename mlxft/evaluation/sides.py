@@ -7,52 +7,19 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import mlxft  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import batch_generate
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlxft.data.encode import Encoded, encode_rows, masked_encoding, prompt_ids, read_chat_jsonl
 from mlxft.errors import MlxftError
 from mlxft.evaluation.pairs import score_examples
 from mlxft.evaluation.scorers import Example
 from mlxft.evaluation.suites import Suite
-
-
-def generate_batch(model, tokenizer, prompts: list[list[int]], max_tokens: int, batch_size: int = 32,
-                   share_prefix: bool = True) -> list[str]:
-    """Greedy completions for many prompts at once (mlx-lm's batch_generate).
-
-    Eval prompts usually share a long head (chat template + system prompt). With
-    `share_prefix` that head is run through the model once and every prompt starts
-    from a copy of its KV cache, which halves the work on the commit-type suite.
-    """
-    if not prompts:
-        return []
-    kwargs = dict(max_tokens=max_tokens, completion_batch_size=batch_size, prefill_batch_size=batch_size)
-    shared = len(os.path.commonprefix(prompts)) - 1  # keep at least one token per prompt to prefill
-    cache = make_prompt_cache(model) if share_prefix and shared >= 8 else None
-    if cache is None or not all(type(c) is KVCache for c in cache):
-        return list(batch_generate(model, tokenizer, prompts, **kwargs).texts)
-    model(mx.array(prompts[0][:shared])[None], cache=cache)
-    mx.eval([c.state for c in cache])
-
-    def copy_cache():
-        out = []
-        for c in cache:
-            fresh = KVCache()
-            fresh.state = c.state  # batch_generate merges caches into new arrays; these stay untouched
-            out.append(fresh)
-        return out
-
-    result = batch_generate(model, tokenizer, [p[shared:] for p in prompts],
-                            prompt_caches=[copy_cache() for _ in prompts], **kwargs)
-    return list(result.texts)
+from mlxft.inference.batch import generate_batch
 
 
 def reference_encoding(tokenizer, messages: list[dict], reference: str, max_length: int) -> Encoded:

@@ -145,6 +145,10 @@ def load_suite(name_or_path: str, data_override: str | Path | None = None) -> Su
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{where}: {line}invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply to be an eval suite") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with data, prompt, generation and scorers")
     for key in raw:

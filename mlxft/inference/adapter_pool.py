@@ -11,6 +11,7 @@ Not thread-safe by design: the server drives it from a single generation thread.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,31 +73,57 @@ def read_adapter(name: str, path: str | Path) -> Adapter:
     weights_file = folder / "adapters.safetensors"
     if not weights_file.is_file():
         raise AdapterError(f"adapter '{name}': {weights_file} is missing")
+    acfg_file = folder / "adapter_config.json"
     try:
-        acfg = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"adapter '{name}': cannot read {folder}/adapter_config.json: {e}") from None
+        acfg = json.loads(acfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise AdapterError(f"adapter '{name}': cannot read {acfg_file}: {e}") from None
+    if not isinstance(acfg, dict):
+        raise AdapterError(f"adapter '{name}': {acfg_file} must be a JSON object, got {type(acfg).__name__}")
     kind = acfg.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AdapterError(f"adapter '{name}' is fine_tune_type={kind!r}; the server switches LoRA adapters only")
-    weights = mx.load(str(weights_file))
-    mx.eval(weights)  # materialise here: lazy arrays are bound to this thread's stream, generation runs on another
+    lora = acfg.get("lora_parameters", {})
+    scale = lora.get("scale", 20.0) if isinstance(lora, dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise AdapterError(f"adapter '{name}': {acfg_file}: lora_parameters.scale must be a finite number, got {scale!r}")
+    modules = _read_lora_tensors(name, weights_file)
+    config = run.config if run is not None else {}
+    model = run.recipe_dict.get("model") if run is not None else None
+    texts = {key: _text(name, key, value) for key, value in (
+        # the run's config.json is the record of training; adapter_config.json carries the same fields
+        ("system_prompt", config.get("system_prompt", acfg.get("system_prompt"))),
+        ("chat_template", config.get("chat_template") or acfg.get("chat_template")),
+        ("base model", (model.get("source") if isinstance(model, dict) else None) or acfg.get("base_model")))}
+    return Adapter(name=name, path=folder, scale=float(scale), system_prompt=texts["system_prompt"],
+                   chat_template=texts["chat_template"], base_source=texts["base model"], modules=modules)
+
+
+def _text(name: str, key: str, value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise AdapterError(f"adapter '{name}': its {key} must be text, got {type(value).__name__}")
+    return value
+
+
+def _read_lora_tensors(name: str, weights_file: Path) -> dict[str, dict[str, mx.array]]:
+    """Module path -> {"lora_a", "lora_b"} from adapters.safetensors; AdapterError for anything else in it."""
+    try:
+        weights = mx.load(str(weights_file))
+        mx.eval(weights)  # materialise here: lazy arrays are bound to this thread's stream, generation runs on another
+    except (RuntimeError, ValueError, OSError) as e:  # mlx reports a damaged file as RuntimeError
+        raise AdapterError(f"adapter '{name}': cannot read {weights_file}: {e}") from None
+    if not isinstance(weights, dict):
+        raise AdapterError(f"adapter '{name}': {weights_file} is not a safetensors file of named tensors")
     modules: dict[str, dict[str, mx.array]] = {}
     for key, value in weights.items():
         mod, _, leaf = key.rpartition(".")
         if leaf not in ("lora_a", "lora_b"):
             raise AdapterError(f"adapter '{name}': unexpected tensor {key} in {weights_file} (LoRA tensors only)")
+        if value.ndim != 2 or not mx.issubdtype(value.dtype, mx.floating):
+            raise AdapterError(f"adapter '{name}': {key} in {weights_file} is {value.dtype} of shape {value.shape}; "
+                               "LoRA tensors are 2-D floating point")
         modules.setdefault(mod, {})[leaf] = value
-    # The run's config.json is the record of training; adapter_config.json carries the same fields.
-    return Adapter(
-        name=name,
-        path=folder,
-        scale=float(acfg.get("lora_parameters", {}).get("scale", 20.0)),
-        system_prompt=run.system_prompt if run is not None and "system_prompt" in run.config else acfg.get("system_prompt"),
-        chat_template=(run.chat_template if run is not None else None) or acfg.get("chat_template"),
-        base_source=(run.recipe_dict.get("model") or {}).get("source") if run is not None else acfg.get("base_model"),
-        modules=modules,
-    )
+    return modules
 
 
 class AdapterPool:

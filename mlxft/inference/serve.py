@@ -33,6 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlxft.data.encode import prompt_ids
 from mlxft.errors import MlxftError
 from mlxft.inference.adapter_pool import AdapterError, AdapterPool, BASE_NAME, read_adapter, validate_name
+from mlxft.inference.serve_guard import ClientGone, authorized, client_gone, model_context
 from mlxft.models.load import load_base
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -44,6 +45,8 @@ class Limits:
     max_tokens_cap: int = 2048  # longest answer a request may ask for
     default_max_tokens: int = 256
     max_queue: int = 32  # requests waiting for the generation thread before 429
+    request_timeout: float = 300.0  # seconds from arrival to the last token (queue wait included), then 504
+    context_tokens: int | None = None  # the model's context (load_engine reads it); longer prompts get 400
 
 
 class RequestError(Exception):
@@ -66,7 +69,8 @@ class Job:
     min_p: float
     seed: int | None
     out: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False
+    cancelled: bool = False  # set by the handler when its client leaves: the generation stops at the next token
+    deadline: float = float("inf")  # time.monotonic() past which the request has timed out
 
 
 class Engine:
@@ -105,6 +109,7 @@ class Engine:
         return value
 
     def submit(self, job: Job) -> None:
+        job.deadline = time.monotonic() + self.limits.request_timeout
         try:
             self.jobs.put_nowait(lambda: self._generate(job))
         except queue.Full:
@@ -113,7 +118,7 @@ class Engine:
 
     def _generate(self, job: Job):
         try:
-            if job.cancelled:
+            if job.cancelled or time.monotonic() > job.deadline:  # its client left, or it waited too long
                 return
             self.pool.activate(job.model)
             tok = self.pool.tokenizer
@@ -121,20 +126,34 @@ class Engine:
                 ids = prompt_ids(tok, job.messages, self.pool.system_prompt(job.model))
             else:
                 ids = tok.encode(job.prompt)
+            context = self.limits.context_tokens
+            if context and len(ids) >= context:
+                raise RequestError(400, f"the prompt is {len(ids)} tokens; this model's context is {context} tokens "
+                                   "(prompt and answer must fit in it)", code="context_length_exceeded")
             if job.seed is not None:
                 mx.random.seed(job.seed)
             sampler = make_sampler(job.temp, job.top_p, job.min_p, top_k=job.top_k)
             n, reason = 0, "length"
-            for r in stream_generate(self.pool.model, tok, ids, max_tokens=job.max_tokens, sampler=sampler):
+            max_tokens = min(job.max_tokens, context - len(ids)) if context else job.max_tokens
+            for r in stream_generate(self.pool.model, tok, ids, max_tokens=max_tokens, sampler=sampler):
                 n = r.generation_tokens
                 reason = r.finish_reason or reason
                 job.out.put(("text", r.text))
                 if job.cancelled:
-                    break
+                    return  # nobody is listening: free the thread for the next request now
+                if time.monotonic() > job.deadline:
+                    raise _timed_out(self.limits)
             job.out.put(("done", {"finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": n}))
+        except RequestError as e:
+            job.out.put(("error", e))
         except Exception as e:  # never let one request kill the generation thread
             job.out.put(("error", RequestError(500 if not isinstance(e, (MlxftError, ValueError)) else 400,
                                                f"{type(e).__name__}: {e}", "server_error")))
+
+
+def _timed_out(limits: Limits) -> "RequestError":
+    return RequestError(504, f"the request took longer than the server's {limits.request_timeout:g} s limit "
+                        "(--request-timeout)", "timeout_error", code="timeout")
 
 
 # ---------------------------------------------------------------- request parsing
@@ -188,7 +207,8 @@ def parse_job(body, chat: bool, engine: Engine) -> tuple[Job, bool]:
         raise RequestError(400, "only n=1 is supported")
     limits = engine.limits
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", limits.default_max_tokens, 1, limits.max_tokens_cap, int)
+    default = min(limits.default_max_tokens, limits.max_tokens_cap)  # a cap below the default lowers it
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default, 1, limits.max_tokens_cap, int)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false")
@@ -211,8 +231,22 @@ def parse_job(body, chat: bool, engine: Engine) -> tuple[Job, bool]:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "mlxft"
+    default_request_version = "HTTP/1.0"  # a request line without a version still gets a status line back
     engine: Engine  # set on the subclass built by make_server
+    api_key: str | None = None  # when set, every request must carry Authorization: Bearer <key>
     log_requests = False
+    poll_seconds = 0.05  # how often a waiting handler checks that its client is still there
+
+    def parse_request(self):
+        # RFC 9112 2.2: a server SHOULD ignore empty lines before the request line (http.server drops the request)
+        for _ in range(100):
+            if self.raw_requestline.strip() or not self.raw_requestline:
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(414)
+                return False
+        return super().parse_request()
 
     def log_message(self, fmt, *args):
         if self.log_requests:
@@ -223,11 +257,30 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="mlxft"')
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, e: RequestError):
         self._json(e.status, {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.code}})
+
+    def _authorize(self):
+        if self.api_key is not None and not authorized(self.headers.get("Authorization"), self.api_key):
+            self._drain_body()  # unread bytes would reset the connection before the client reads the 401
+            raise RequestError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
+                               "authentication_error", code="invalid_api_key")
+
+    def _drain_body(self):
+        """Read and drop a body we refuse, so the client sees our answer, not a reset; then close."""
+        self.close_connection = True  # the unread rest must not be parsed as a next request
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= 16 * self.engine.limits.max_body_bytes:
+            while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
+                length -= len(chunk)
 
     def _body(self):
         try:
@@ -235,23 +288,35 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise RequestError(400, "bad Content-Length header") from None
         if length > self.engine.limits.max_body_bytes:
-            self.close_connection = True  # the unread body must not be parsed as a next request
-            if length <= 16 * self.engine.limits.max_body_bytes:  # drain (and drop) it so the client sees our 413, not a broken pipe
-                while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
-                    length -= len(chunk)
+            self._drain_body()
             raise RequestError(413, f"request body of {length} bytes exceeds the {self.engine.limits.max_body_bytes}-byte limit")
+        if length < 0:
+            raise RequestError(400, f"bad Content-Length header ({length})")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(data)} of the {length} bytes its Content-Length announced")
         try:
-            return json.loads(self.rfile.read(length) or b"null")
+            return json.loads(data or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is JSON nested too deeply") from None
 
     def _dispatch(self, fn):
         try:
+            self._authorize()
             fn()
         except RequestError as e:
             self._error(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            self.close_connection = True
+        except TimeoutError:  # the socket timeout: a client too slow to send its request or read the answer
+            self.close_connection = True
+            try:
+                self._error(RequestError(408, f"no complete request within {self.timeout:g} s", "timeout_error"))
+            except OSError:
+                pass
         except Exception as e:  # a bug must cost one request, never the server
             self._error(RequestError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
@@ -326,8 +391,23 @@ class Handler(BaseHTTPRequestHandler):
             job.cancelled = True  # a dropped client stops its generation at the next token
 
     def _events(self, job: Job):
+        """The job's events; a client that leaves or a request past its deadline ends the wait at once."""
+        checked = time.monotonic()
         while True:
-            kind, value = job.out.get()
+            try:
+                kind, value = job.out.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                kind = None
+            if kind is None or time.monotonic() - checked >= self.poll_seconds:
+                checked = time.monotonic()
+                if client_gone(self.connection):
+                    job.cancelled = True
+                    raise ClientGone()
+                if checked > job.deadline + 1.0:  # the generation thread itself is stuck (a very long prefill)
+                    job.cancelled = True
+                    raise _timed_out(self.engine.limits)
+            if kind is None:
+                continue
             if kind == "error":
                 raise value
             yield kind, value
@@ -367,19 +447,27 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         send("", None, role=True)
-        for kind, value in itertools.chain([first], events):
-            if kind == "text":
-                if value:
-                    send(value, None)
-            else:
-                send(None, value["finish_reason"])
+        try:
+            for kind, value in itertools.chain([first], events):
+                if kind == "text":
+                    if value:
+                        send(value, None)
+                else:
+                    send(None, value["finish_reason"])
+        except RequestError as e:  # headers are sent: the error goes in the stream, as OpenAI's API does
+            error = {"message": str(e), "type": e.kind, "param": None, "code": e.code}
+            self.wfile.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+            self.close_connection = True
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
-    """An HTTP server bound to host:port (port 0 = any free port); call serve_forever() on it."""
-    handler = type("BoundHandler", (Handler,), {"engine": engine})
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> ThreadingHTTPServer:
+    """An HTTP server bound to host:port (port 0 = any free port); call serve_forever() on it.
+    With `api_key`, every request needs Authorization: Bearer <api_key> (else 401)."""
+    # timeout: the socket's, so a client that stalls sending its request or reading the answer is dropped
+    handler = type("BoundHandler", (Handler,), {"engine": engine, "api_key": api_key,
+                                                "timeout": engine.limits.request_timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -404,7 +492,10 @@ def load_engine(base: str | None, adapters: list[tuple[str, str]], limits: Limit
     for a in read:
         pool.add(a)
         log(f"adapter {a.name}: {a.path}")
-    return Engine(pool, limits or Limits())
+    limits = limits or Limits()
+    if limits.context_tokens is None:
+        limits.context_tokens = model_context(loaded.path)
+    return Engine(pool, limits)
 
 
 def parse_adapter_args(values) -> list[tuple[str, str]]:

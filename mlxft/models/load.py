@@ -24,7 +24,7 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import dequantize_model, load, load_model
 
 from mlxft.errors import ModelError
-from mlxft.models.gguf import import_gguf
+from mlxft.models.gguf_import import import_gguf
 from mlxft.models.licence import Licence, require_acceptance
 from mlxft.runs.run import Run
 

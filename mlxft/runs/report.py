@@ -147,6 +147,27 @@ def plot_preference(metrics: Metrics) -> str | None:
     return _png(fig)
 
 
+def plot_rewards(metrics: Metrics) -> str | None:
+    """GRPO: mean reward (and each reward's mean), validation reward, KL and completion length, when logged."""
+    if not metrics.has("reward"):
+        return None
+    fig, ax = _figure("GRPO rewards", "reward")
+    ax.plot(*metrics.series("reward"), color="tab:blue", label="reward (train, mean of the samples)")
+    names = sorted({k for m in metrics.train for k in m if k.startswith("reward/")})
+    for name, color in zip(names, ("tab:cyan", "tab:olive", "tab:purple", "tab:brown", "tab:pink")):
+        ax.plot(*metrics.series(name), color=color, linewidth=0.8, label=name[7:])
+    val = [(m["step"], m["val_reward"]) for m in metrics.val if isinstance(m.get("val_reward"), (int, float))]
+    if val:
+        ax.plot(*zip(*val), "o--", color="tab:blue", markersize=4, label="reward (validation, greedy)")
+    if metrics.has("kl"):
+        ax2 = ax.twinx()
+        ax2.plot(*metrics.series("kl"), color="tab:red", linewidth=0.8, label="KL to the base")
+        ax2.set_ylabel("KL")
+        ax2.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(fig)
+
+
 def make_plots(metrics: Metrics, overfit: list[dict]) -> list[dict]:
     """[{title, src, alt}] for every curve the run has data for; the loss plot always."""
     plots = [("Loss (train and validation)", plot_loss(metrics, overfit))]
@@ -155,6 +176,7 @@ def make_plots(metrics: Metrics, overfit: list[dict]) -> list[dict]:
         ("Peak memory", plot_memory(metrics)),
         ("Learning rate", plot_learning_rate(metrics)),
         ("Preference tuning: reward margin and accuracy", plot_preference(metrics)),
+        ("GRPO: rewards and KL", plot_rewards(metrics)),
     ]
     return [{"title": t, "src": src, "alt": t} for t, src in plots if src]
 

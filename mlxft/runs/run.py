@@ -17,8 +17,9 @@ from pathlib import Path
 
 from mlxft.config import Recipe
 from mlxft.errors import MlxftError
-from mlxft.files import write_atomic
+from mlxft.files import write_atomic, write_error
 from mlxft.rank import is_main
+from mlxft.runs.format import RUN_FORMAT, read_run_config
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,23 @@ class RunDir:
         return self.root / "eval.json"
 
     def read_config(self) -> dict:
-        return read_json_object(self.config)
+        """config.json, checked: readable JSON from a run format this mlxft reads (else a typed error
+        naming both mlxft versions: runs/format.py)."""
+        return read_run_config(self.config)
 
     def write_config(self, config: dict) -> None:
         if not is_main():  # only rank 0 of a data-parallel run writes the run folder
             return
-        write_atomic(self.config, json.dumps(config, indent=2, default=str) + "\n")
+        write_atomic(self.config, json.dumps({"run_format": RUN_FORMAT, **config}, indent=2, default=str) + "\n")
 
     def log_metrics(self, record: dict) -> None:
         if not is_main():
             return
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(self.metrics, e, "its earlier lines are kept") from e
 
 
 def read_json_object(path: Path) -> dict:

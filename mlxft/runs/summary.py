@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxft.errors import MlxftError
+from mlxft.runs.format import check_run_config
 from mlxft.runs.run import RunDir, read_json_object
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 PREFERENCE_KEYS = ("reward_margin", "preference_accuracy", "chosen_logp", "rejected_logp")
+# What a GRPO run logs per step besides the loss (mlxft/training/grpo.py); plus "reward/<name>" per reward.
+REWARD_KEYS = ("reward", "reward_std", "kl", "completion_length", "clip_fraction", "no_signal")
 # Validation loss must end this much (relative) above its minimum before we call it overfitting:
 # below that, the rise is validation noise on a few batches.
 OVERFIT_TOLERANCE = 0.02
@@ -70,7 +73,7 @@ def read_metrics(run: RunDir) -> Metrics:
             out.events.append(rec)
         elif "val_loss" in rec:
             out.val.append(rec)
-        elif "train_loss" in rec or any(k in rec for k in PREFERENCE_KEYS):
+        elif "train_loss" in rec or any(k in rec for k in PREFERENCE_KEYS + REWARD_KEYS):
             out.train.append(rec)
     for lst in (out.train, out.val, out.events):
         lst.sort(key=lambda m: m["step"])
@@ -88,7 +91,9 @@ def open_run(path: str | Path) -> RunDir:
 
 
 def read_config(run: RunDir) -> dict:
-    return read_json_object(run.config)
+    config = read_json_object(run.config)
+    check_run_config(config, run.config)  # another mlxft's newer run format: refused, naming both versions
+    return config
 
 
 def read_eval(run: RunDir) -> dict | None:

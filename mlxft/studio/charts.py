@@ -168,6 +168,15 @@ def run_charts(metrics: Metrics) -> list[Chart]:
                 pref.series.append(Series(f"{key.replace('_', ' ')} (validation)", [s for s, _ in val],
                                           [v for _, v in val], dashed=True, markers=True))
         charts.append(pref)
+    if metrics.has("reward"):  # GRPO
+        grpo = Chart("rewards", "GRPO rewards", "reward", [Series("reward (train)", *metrics.series("reward"))])
+        val = [(m["step"], m["val_reward"]) for m in metrics.val if _finite(m.get("val_reward"))]
+        if val:
+            grpo.series.append(Series("reward (validation)", [s for s, _ in val], [v for _, v in val],
+                                      dashed=True, markers=True))
+        if metrics.has("kl"):
+            grpo.series.append(Series("KL to the base", *metrics.series("kl"), color=COLORS[4]))
+        charts.append(grpo)
     return charts
 
 

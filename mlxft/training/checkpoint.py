@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxft.errors import MlxftError
-from mlxft.files import fsync_path, write_atomic
+from mlxft.errors import MlxftError, WriteError
+from mlxft.files import fsync_path, sha256_file, write_atomic, write_error
 from mlxft.rank import is_main
 from mlxft.runs.run import RunDir
 from mlxft.training.progress import Progress
@@ -58,16 +59,28 @@ def restore_rng(rng: dict) -> None:
 
 
 def save_adapters(model: nn.Module, out_dir: Path, config: dict) -> None:
-    """Write adapters.safetensors + adapter_config.json, each file atomically (rank 0 only)."""
+    """Write adapters.safetensors + adapter_config.json, each file atomically (rank 0 only).
+
+    A failed write (a full disk) raises WriteError naming the file; the previous one stays."""
     if not is_main():
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = out_dir / f".adapters-{os.getpid()}.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    fsync_path(tmp)
-    os.replace(tmp, out_dir / "adapters.safetensors")
+    save_arrays_atomic(out_dir / "adapters.safetensors", weights)
     write_atomic(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def save_arrays_atomic(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors through a temporary file renamed into place: the old file or the new, never
+    half of one. mlx reports a failed write as RuntimeError; both it and OSError become WriteError."""
+    tmp = path.parent / f".{path.stem}-{os.getpid()}.safetensors"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(tmp), arrays)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
 
 
 def save_checkpoint(
@@ -78,19 +91,33 @@ def save_checkpoint(
     if not is_main():  # data-parallel: rank 0 holds the same state and writes it
         return final
     tmp = run.checkpoints / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapters(model, tmp, adapter_cfg)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    fsync_path(tmp / "optimizer.safetensors")
-    progress.rng = capture_rng()
-    write_atomic(tmp / "state.json", json.dumps(dataclasses.asdict(progress), indent=1) + "\n")
-    if final.exists():  # a resumed run replaying a step it had saved before: same content
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_path(run.checkpoints)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapters(model, tmp, adapter_cfg)
+        save_arrays_atomic(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        progress.rng = capture_rng()
+        state = dataclasses.asdict(progress) | {"files": _file_hashes(tmp)}  # lets resume tell a damaged one
+        write_atomic(tmp / "state.json", json.dumps(state, indent=1) + "\n")
+        if final.exists():  # a resumed run replaying a step it had saved before: same content
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_path(run.checkpoints)
+    except OSError as e:  # a full disk: the half-written folder goes, the checkpoints before it stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run)
+        failed = Path(getattr(e, "path", None) or tmp).name
+        reason = os.strerror(e.errno) if e.errno else str(e.__cause__ or e)
+        raise WriteError(
+            f"could not write checkpoint {final} ({failed}: {reason}); "
+            + (f"the previous checkpoint {previous.name} is complete and unchanged: resume from it with "
+               f"mlxft train --resume {run.root}" if previous else "no earlier checkpoint exists"), final, e.errno) from e
     prune_checkpoints(run, keep)
     return final
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def list_checkpoints(run: RunDir) -> list[Path]:
@@ -104,6 +131,97 @@ def list_checkpoints(run: RunDir) -> list[Path]:
 def latest_checkpoint(run: RunDir) -> Path | None:
     found = list_checkpoints(run)
     return found[-1] if found else None
+
+
+def newest_complete_checkpoint(run: RunDir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose files are all there and intact, and the newer ones skipped with why
+    (a truncated or corrupted file, a state.json that does not parse). Resume starts from the first."""
+    skipped = []
+    for path in reversed(list_checkpoints(run)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def describe_skipped(skipped: list[tuple[Path, str]], chosen: Path | None) -> list[str]:
+    """One line per damaged checkpoint passed over, saying which one resume uses instead."""
+    instead = f"using {chosen.name} instead" if chosen else "no complete checkpoint is left"
+    return [f"note: checkpoint {path.name} is damaged ({why}); {instead}" for path, why in skipped]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete.
+
+    Checks that each file is there and parses; a checkpoint that recorded its files' sha256
+    (every one written since they were added) must match them byte for byte."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        return "state.json is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return f"state.json cannot be read: {e}"
+    problem = _state_problem(state)
+    if problem:
+        return f"state.json {problem}"
+    for name in ("adapters.safetensors", "optimizer.safetensors", "adapter_config.json"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    recorded = state.get("files")
+    if isinstance(recorded, dict):
+        for name, digest in recorded.items():
+            if not (path / name).is_file() or sha256_file(path / name) != digest:
+                return f"{name} differs from the sha256 recorded when it was written (truncated or corrupted)"
+        return None
+    for name in ("adapters.safetensors", "optimizer.safetensors"):  # older checkpoints: structure only
+        problem = safetensors_problem(path / name)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a parsed state.json (its own bytes are not in the recorded hashes), or None."""
+    if not isinstance(state, dict) or isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int):
+        return "lacks the step"
+    rng = state.get("rng")
+    try:
+        (hi, lo), (kind, keys, pos, has_gauss, gauss) = rng["mx_key"], rng["numpy"]
+        ok = (all(isinstance(x, int) and 0 <= x < 2**32 for x in (hi, lo, pos)) and isinstance(kind, str)
+              and isinstance(keys, list) and len(keys) == 624 and all(isinstance(k, int) and 0 <= k < 2**32 for k in keys)
+              and isinstance(has_gauss, int) and isinstance(gauss, (int, float)))
+    except (TypeError, ValueError, KeyError):
+        ok = False
+    if not ok:
+        return "has a malformed RNG state"
+    numbers = ("epoch", "position", "tokens", "supervised_tokens", "window_n", "since_val_n", "bad_evals")
+    if any(isinstance(state.get(k, 0), bool) or not isinstance(state.get(k, 0), int) for k in numbers):
+        return "has a counter that is not an integer"
+    return None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (its header and sizes do not add up), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size - 8, 100 * 2**20):
+                return f"header of {n} bytes in a {size}-byte file (truncated)"
+            header = json.loads(f.read(n))
+    except (struct.error, OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return f"unreadable header ({e})"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+            and isinstance(v["data_offsets"][1], int)]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        return "a tensor entry without data offsets"
+    if 8 + n + max(ends, default=0) != size:
+        return f"{size} bytes where the header describes {8 + n + max(ends, default=0)} (truncated)"
+    return None
 
 
 def prune_checkpoints(run: RunDir, keep: int) -> None:

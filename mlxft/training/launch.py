@@ -80,13 +80,13 @@ def launch(argv: list[str], hosts: str | None, hostfile: str | None, launch_args
             Path(hostfile).write_text(json.dumps(hostfile_for(hosts)))
         env = [f"--env=MLXFT_DIST_TIMEOUT={os.environ['MLXFT_DIST_TIMEOUT']}"] if os.environ.get("MLXFT_DIST_TIMEOUT") else []
         cmd = [launcher, "--hostfile", hostfile, *env, *launch_args, "--", sys.executable, "-m", "mlxft.cli", *argv]
-        return _relay(cmd)
+        return relay(cmd)
 
 
 _STATUS = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 
 
-def _relay(cmd: list[str]) -> int:
+def relay(cmd: list[str]) -> int:
     # Ctrl-C is ignored by mlx.launch (it would stop relaying the ranks' output); the local
     # ranks get it from the terminal, checkpoint, and tell the remote ones via the stop check.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

@@ -54,46 +54,49 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def fit(s: Session, objective: Objective, p: Progress) -> TrainResult:
-    """Train from `p` to the end (or early stop), checkpointing; Ctrl-C checkpoints and re-raises."""
-    t = s.recipe.train
+def fit(session: Session, objective: Objective, progress: Progress) -> TrainResult:
+    """Train from `progress` to the end (or early stop), checkpointing; Ctrl-C checkpoints and re-raises."""
+    t = session.recipe.train
     mx.reset_peak_memory()
-    bar = tqdm(total=s.steps, initial=p.step, desc=objective.name, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=session.steps, initial=progress.step, desc=objective.name, unit="step", dynamic_ncols=True,
+               file=sys.stderr)
     try:
-        with s.paths.applied(s.model), _deferred_sigint() as interrupted:
-            while p.step < s.steps and not p.stop_reason:
-                train_step(s, objective, p)
+        with session.paths.applied(session.model), _deferred_sigint() as interrupted:
+            while progress.step < session.steps and not progress.stop_reason:
+                train_step(session, objective, progress)
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{p.last_loss:.3f}",
-                    tok_s=f"{p.tokens / max(p.train_seconds, 1e-9):.0f}",
-                    **{label: f"{p.last_stats[k]:{fmt}}" for k, (label, fmt) in objective.stats.items() if k in p.last_stats},
-                    val=f"{p.val_loss:.3f}" if p.val_loss is not None else "-",
+                    loss=f"{progress.last_loss:.3f}",
+                    tok_s=f"{progress.tokens / max(progress.train_seconds, 1e-9):.0f}",
+                    **{label: f"{progress.last_stats[k]:{fmt}}" for k, (label, fmt) in objective.stats.items()
+                       if k in progress.last_stats},
+                    val=f"{progress.val_loss:.3f}" if progress.val_loss is not None else "-",
                 )
-                _after_step(s, objective, p, bar.write)
-                if p.step == s.steps or p.stop_reason:
+                _after_step(session, objective, progress, bar.write)
+                if progress.step == session.steps or progress.stop_reason:
                     break  # _finish writes the final checkpoint, even after a late Ctrl-C
-                saved = bool(t.save_every) and p.step % t.save_every == 0
+                saved = bool(t.save_every) and progress.step % t.save_every == 0
                 if saved:
-                    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
+                    save_checkpoint(session.run, session.model, session.optimizer, progress, session.adapter_cfg,
+                                    t.keep_checkpoints)
                 if dist.any_rank(interrupted.is_set()):  # every rank stops at the same step
-                    _stop_interrupted(s, p, saved)
+                    _stop_interrupted(session, progress, saved)
     finally:
         bar.close()
-    return _finish(s, objective, p)
+    return _finish(session, objective, progress)
 
 
-def train_step(s: Session, objective: Objective, p: Progress) -> None:
+def train_step(session: Session, objective: Objective, progress: Progress) -> None:
     """One optimizer step over grad_accumulation micro-batches; refuses to apply a non-finite update."""
-    t = s.recipe.train
+    t = session.recipe.train
     tic = time.perf_counter()
     grads_acc, step_loss, stats_acc = None, 0.0, {}
     with dist.rank_rng():
         for _ in range(t.grad_accumulation):
-            items = objective.batches.next(p)
+            items = objective.batches.next(progress)
             # With several ranks: this rank's slice of the global batch, weighted by its share.
             mine, weight = dist.shard_batch(items, objective.weights(items))
-            loss, grads, stats = objective.loss_and_grad(s.model, mine, items)
+            loss, grads, stats = objective.loss_and_grad(session.model, mine, items)
             if weight != 1.0:
                 loss, grads = loss * weight, _tree_scale(grads, weight)
                 stats = {k: v * weight for k, v in stats.items()}
@@ -101,8 +104,8 @@ def train_step(s: Session, objective: Objective, p: Progress) -> None:
             stats_acc = {k: stats_acc[k] + v if k in stats_acc else v for k, v in stats.items()}
             step_loss += loss
             n_tok, n_sup = objective.counts(items)
-            p.tokens += n_tok
-            p.supervised_tokens += n_sup
+            progress.tokens += n_tok
+            progress.supervised_tokens += n_sup
     grads_acc, step_loss, stats_acc = dist.reduce_step(grads_acc, step_loss, stats_acc)  # over ranks (no-op on one)
     n = t.grad_accumulation
     if n > 1:
@@ -115,82 +118,84 @@ def train_step(s: Session, objective: Objective, p: Progress) -> None:
     loss_value, norm_value = step_loss.item(), grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         # `mlxft runs` reads this line to tell a diverged run from an interrupted one.
-        s.run.log_metrics({"step": p.step + 1, "event": "diverged", "loss": str(loss_value), "grad_norm": str(norm_value)})
-        raise TrainingDiverged(_divergence_message(s, p.step + 1, loss_value, norm_value))
-    s.optimizer.update(s.model, grads_acc)
-    mx.eval(s.model.state, s.optimizer.state)
-    p.train_seconds += time.perf_counter() - tic
-    p.step += 1
-    p.last_loss = loss_value
-    p.last_stats = {k: v.item() / n for k, v in stats_acc.items()}
-    for k, v in p.last_stats.items():
-        p.window_stats[k] = p.window_stats.get(k, 0.0) + v
-    p.window_loss, p.window_n = p.window_loss + loss_value, p.window_n + 1
-    p.since_val_loss, p.since_val_n = p.since_val_loss + loss_value, p.since_val_n + 1
+        session.run.log_metrics({"step": progress.step + 1, "event": "diverged", "loss": str(loss_value),
+                                 "grad_norm": str(norm_value)})
+        raise TrainingDiverged(_divergence_message(session, progress.step + 1, loss_value, norm_value))
+    session.optimizer.update(session.model, grads_acc)
+    mx.eval(session.model.state, session.optimizer.state)
+    progress.train_seconds += time.perf_counter() - tic
+    progress.step += 1
+    progress.last_loss = loss_value
+    progress.last_stats = {k: v.item() / n for k, v in stats_acc.items()}
+    for k, v in progress.last_stats.items():
+        progress.window_stats[k] = progress.window_stats.get(k, 0.0) + v
+    progress.window_loss, progress.window_n = progress.window_loss + loss_value, progress.window_n + 1
+    progress.since_val_loss, progress.since_val_n = progress.since_val_loss + loss_value, progress.since_val_n + 1
 
 
-def train_record(s: Session, p: Progress) -> dict:
+def train_record(session: Session, progress: Progress) -> dict:
     """The metrics.jsonl line for the steps since the last one (with the objective's mean statistics)."""
     return {
-        "step": p.step,
-        "train_loss": p.window_loss / p.window_n,
-        **{k: v / p.window_n for k, v in p.window_stats.items()},
-        "learning_rate": float(s.optimizer.learning_rate.item()),
-        "tokens": p.tokens,
-        "supervised_tokens": p.supervised_tokens,
-        "tokens_per_sec": p.tokens / p.train_seconds,
-        "supervised_tokens_per_sec": p.supervised_tokens / p.train_seconds,
+        "step": progress.step,
+        "train_loss": progress.window_loss / progress.window_n,
+        **{k: v / progress.window_n for k, v in progress.window_stats.items()},
+        "learning_rate": float(session.optimizer.learning_rate.item()),
+        "tokens": progress.tokens,
+        "supervised_tokens": progress.supervised_tokens,
+        "tokens_per_sec": progress.tokens / progress.train_seconds,
+        "supervised_tokens_per_sec": progress.supervised_tokens / progress.train_seconds,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
-        "elapsed_sec": p.train_seconds,
+        "elapsed_sec": progress.train_seconds,
     }
 
 
-def _after_step(s: Session, objective: Objective, p: Progress, write) -> None:
+def _after_step(session: Session, objective: Objective, progress: Progress, write) -> None:
     """Metrics line every report_every steps; validation, best adapter and early stopping every val_every."""
-    t = s.recipe.train
-    last = p.step == s.steps
-    if p.step % t.report_every == 0 or last:
-        s.run.log_metrics(train_record(s, p))
-        p.window_loss, p.window_n, p.window_stats = 0.0, 0, {}
-    if objective.valid_set and (p.step % t.val_every == 0 or last):
-        _validate(s, objective, p, write)
+    t = session.recipe.train
+    last = progress.step == session.steps
+    if progress.step % t.report_every == 0 or last:
+        session.run.log_metrics(train_record(session, progress))
+        progress.window_loss, progress.window_n, progress.window_stats = 0.0, 0, {}
+    if objective.valid_set and (progress.step % t.val_every == 0 or last):
+        _validate(session, objective, progress, write)
 
 
-def validation_stats(s: Session, objective: Objective) -> dict[str, float]:
+def validation_stats(session: Session, objective: Objective) -> dict[str, float]:
     """Mean loss and statistics on a fixed subset of the validation items (eval mode, no gradients),
     each rank scoring a slice of them."""
-    t = s.recipe.train
+    t = session.recipe.train
     items = objective.valid_set
     n = len(items) if t.val_batches < 0 else min(len(items), t.batch_size * t.val_batches)
-    s.model.eval()
-    sums, weight = dist.validation_sums(objective.validation_sums, s.model, items[:n], t.batch_size,
+    session.model.eval()
+    sums, weight = dist.validation_sums(objective.validation_sums, session.model, items[:n], t.batch_size,
                                         ("loss", *objective.stats))
-    s.model.train()
+    session.model.train()
     return {k: v / max(weight, 1) for k, v in sums.items()}
 
 
-def _validate(s: Session, objective: Objective, p: Progress, write) -> None:
-    stats = validation_stats(s, objective)
-    p.val_loss = stats["loss"]
+def _validate(session: Session, objective: Objective, progress: Progress, write) -> None:
+    stats = validation_stats(session, objective)
+    progress.val_loss = stats["loss"]
     extra = {f"val_{k}": stats[k] for k in objective.stats if k in stats}
-    s.run.log_metrics({"step": p.step, "val_loss": p.val_loss, **extra})
-    write(f"step {p.step}: train loss {p.last_loss:.3f}, validation loss {p.val_loss:.3f}"
+    session.run.log_metrics({"step": progress.step, "val_loss": progress.val_loss, **extra})
+    write(f"step {progress.step}: train loss {progress.last_loss:.3f}, validation loss {progress.val_loss:.3f}"
           + objective.describe(stats, "validation "))
-    p.history.append([p.val_loss, p.since_val_loss / max(p.since_val_n, 1)])
-    p.since_val_loss, p.since_val_n = 0.0, 0
-    if p.best_val_loss is None or p.val_loss < p.best_val_loss:
-        p.best_val_loss, p.best_step = p.val_loss, p.step
-        save_adapters(s.model, s.run.best_dir, s.adapter_cfg)
-        s.config["best"] = {"step": p.step, "val_loss": p.val_loss, "path": str(s.run.best_dir), **extra}
-        s.run.write_config(s.config)
-    if overfitting(p.history):
-        recent = [h[0] for h in p.history[-OVERFIT_RISES - 1 :]]
-        s.run.log_metrics({"step": p.step, "event": "overfitting", "val_losses": recent})
+    progress.history.append([progress.val_loss, progress.since_val_loss / max(progress.since_val_n, 1)])
+    progress.since_val_loss, progress.since_val_n = 0.0, 0
+    if progress.best_val_loss is None or progress.val_loss < progress.best_val_loss:
+        progress.best_val_loss, progress.best_step = progress.val_loss, progress.step
+        save_adapters(session.model, session.run.best_dir, session.adapter_cfg)
+        session.config["best"] = {"step": progress.step, "val_loss": progress.val_loss, "path": str(session.run.best_dir),
+                                  **extra}
+        session.run.write_config(session.config)
+    if overfitting(progress.history):
+        recent = [h[0] for h in progress.history[-OVERFIT_RISES - 1 :]]
+        session.run.log_metrics({"step": progress.step, "event": "overfitting", "val_losses": recent})
         write(
             f"warning: validation loss rose {OVERFIT_RISES} validations in a row while train loss fell: the model is "
-            f"memorising the training rows (best adapter so far: step {p.best_step}, kept in {s.run.best_dir})"
+            f"memorising the training rows (best adapter so far: step {progress.best_step}, kept in {session.run.best_dir})"
         )
-    _early_stopping(s, p, write)
+    _early_stopping(session, progress, write)
 
 
 def overfitting(history: list[list[float]]) -> bool:
@@ -203,19 +208,20 @@ def overfitting(history: list[list[float]]) -> bool:
     return rising and not longer and recent[-1][1] < recent[0][1]
 
 
-def _early_stopping(s: Session, p: Progress, write) -> None:
+def _early_stopping(session: Session, progress: Progress, write) -> None:
     """Stop after `patience` validations without beating the reference by min_delta."""
-    t = s.recipe.train
-    if p.patience_ref is None or p.val_loss < p.patience_ref - t.early_stopping_min_delta:
-        p.patience_ref, p.bad_evals = p.val_loss, 0
+    t = session.recipe.train
+    if progress.patience_ref is None or progress.val_loss < progress.patience_ref - t.early_stopping_min_delta:
+        progress.patience_ref, progress.bad_evals = progress.val_loss, 0
         return
-    p.bad_evals += 1
-    if t.early_stopping_patience and p.bad_evals >= t.early_stopping_patience:
-        p.stop_reason = "early stopping"
-        s.run.log_metrics({"step": p.step, "event": "early_stop", "best_step": p.best_step, "best_val_loss": p.best_val_loss})
+    progress.bad_evals += 1
+    if t.early_stopping_patience and progress.bad_evals >= t.early_stopping_patience:
+        progress.stop_reason = "early stopping"
+        session.run.log_metrics({"step": progress.step, "event": "early_stop", "best_step": progress.best_step,
+                                 "best_val_loss": progress.best_val_loss})
         write(
-            f"early stopping at step {p.step}: validation loss has not improved by {t.early_stopping_min_delta} "
-            f"for {p.bad_evals} validations; best {p.best_val_loss:.4f} at step {p.best_step} ({s.run.best_dir})"
+            f"early stopping at step {progress.step}: validation loss has not improved by {t.early_stopping_min_delta} "
+            f"for {progress.bad_evals} validations; best {progress.best_val_loss:.4f} at step {progress.best_step} ({session.run.best_dir})"
         )
 
 
@@ -238,26 +244,27 @@ def _deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def _stop_interrupted(s: Session, p: Progress, saved: bool) -> None:
-    t = s.recipe.train
+def _stop_interrupted(session: Session, progress: Progress, saved: bool) -> None:
+    t = session.recipe.train
     if not saved:
-        save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, t.keep_checkpoints)
-    save_adapters(s.model, s.run.adapters, s.adapter_cfg)
-    s.run.log_metrics({"step": p.step, "event": "interrupted"})  # `mlxft runs`: resumable, not still running
-    s.log(
-        f"\ninterrupted at step {p.step} of {s.steps}: checkpoint saved in {s.run.checkpoint(p.step)}\n"
-        f"resume with: mlxft train --resume {s.run.root}" + (" (and the same --hosts/--hostfile)" if dist.size() > 1 else "")
+        save_checkpoint(session.run, session.model, session.optimizer, progress, session.adapter_cfg,
+                                    t.keep_checkpoints)
+    save_adapters(session.model, session.run.adapters, session.adapter_cfg)
+    session.run.log_metrics({"step": progress.step, "event": "interrupted"})  # `mlxft runs`: resumable, not still running
+    session.log(
+        f"\ninterrupted at step {progress.step} of {session.steps}: checkpoint saved in {session.run.checkpoint(progress.step)}\n"
+        f"resume with: mlxft train --resume {session.run.root}" + (" (and the same --hosts/--hostfile)" if dist.size() > 1 else "")
     )
     dist.finish_interrupted()
     raise KeyboardInterrupt
 
 
-def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
-    t = s.recipe.train
-    ckpt = latest_checkpoint(s.run)
+def _divergence_message(session: Session, step: int, loss: float, norm: float) -> str:
+    t = session.recipe.train
+    ckpt = latest_checkpoint(session.run)
     kept = f"the last good checkpoint is {ckpt}" if ckpt else f"no checkpoint was written yet (the first comes at step {t.save_every})"
     clip = f"lower train.max_grad_norm (now {t.max_grad_norm})" if t.max_grad_norm else "set train.max_grad_norm=1.0 (now off)"
-    precision = s.config.get("base_model", {}).get("precision", "?")
+    precision = session.config.get("base_model", {}).get("precision", "?")
     return (
         f"training diverged at step {step}: loss {loss}, gradient norm {norm}; the step was not applied and {kept}. "
         f"Likely causes, most likely first: learning rate too high (try train.learning_rate={t.learning_rate / 5:.2g}, "
@@ -266,37 +273,37 @@ def _divergence_message(s: Session, step: int, loss: float, norm: float) -> str:
     )
 
 
-def _finish(s: Session, objective: Objective, p: Progress) -> TrainResult:
+def _finish(session: Session, objective: Objective, progress: Progress) -> TrainResult:
     """The end of a run: final adapters, final checkpoint (marked finished), the result in config.json."""
-    stopped_early = p.stop_reason == "early stopping"
-    p.stop_reason = p.stop_reason or "done"
-    save_adapters(s.model, s.run.adapters, s.adapter_cfg)
-    save_checkpoint(s.run, s.model, s.optimizer, p, s.adapter_cfg, s.recipe.train.keep_checkpoints)
-    seconds = max(p.train_seconds, 1e-9)
+    stopped_early = progress.stop_reason == "early stopping"
+    progress.stop_reason = progress.stop_reason or "done"
+    save_adapters(session.model, session.run.adapters, session.adapter_cfg)
+    save_checkpoint(session.run, session.model, session.optimizer, progress, session.adapter_cfg, session.recipe.train.keep_checkpoints)
+    seconds = max(progress.train_seconds, 1e-9)
     result = TrainResult(
-        run=s.run,
-        steps=p.step,
-        final_train_loss=p.last_loss,
-        final_val_loss=p.val_loss,
-        seconds=p.train_seconds,
-        supervised_tokens_per_sec=p.supervised_tokens / seconds,
-        tokens_per_sec=p.tokens / seconds,
+        run=session.run,
+        steps=progress.step,
+        final_train_loss=progress.last_loss,
+        final_val_loss=progress.val_loss,
+        seconds=progress.train_seconds,
+        supervised_tokens_per_sec=progress.supervised_tokens / seconds,
+        tokens_per_sec=progress.tokens / seconds,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
-        best_val_loss=p.best_val_loss,
-        best_step=p.best_step,
+        best_val_loss=progress.best_val_loss,
+        best_step=progress.best_step,
         stopped_early=stopped_early,
     )
-    s.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
-    if p.last_stats:
-        s.config["result"]["last_stats"] = p.last_stats
-    s.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    s.run.write_config(s.config)
+    session.config["result"] = {k: v for k, v in result.__dict__.items() if k != "run"}
+    if progress.last_stats:
+        session.config["result"]["last_stats"] = progress.last_stats
+    session.config["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    session.run.write_config(session.config)
     label = "" if objective.name == "train" else f"{objective.name.upper()} "
-    s.log(
-        f"done: {p.step} {label}steps in {p.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
+    session.log(
+        f"done: {progress.step} {label}steps in {progress.train_seconds:.0f}s, {result.tokens_per_sec:.0f} tokens/s "
         f"({result.supervised_tokens_per_sec:.1f} supervised/s), peak memory {result.peak_memory_gb:.2f} GB"
-        + objective.describe(p.last_stats, "last step: ")
-        + f"; adapters in {s.run.adapters}" + (f" (best: {s.run.best_dir}, step {p.best_step})" if p.best_step else "")
+        + objective.describe(progress.last_stats, "last step: ")
+        + f"; adapters in {session.run.adapters}" + (f" (best: {session.run.best_dir}, step {progress.best_step})" if progress.best_step else "")
     )
     return result
 

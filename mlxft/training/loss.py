@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlxft.models import families
 from mlxft.training.fast import fastmath
 
-# fp32 logits per chunk. Measured (tests/test_loss.py, README): a chunked backward peaks at ~12
+# fp32 logits per chunk. Measured (tests/training/test_loss.py, README): a chunked backward peaks at ~12
 # chunks' worth whatever the number of positions; the one-piece head at 3 copies of all logits.
 CHUNK_BYTES = 16 * 2**20
 CHUNKED_PEAK_CHUNKS = 12

@@ -10,7 +10,7 @@ recipe's data when it is on disk (the longest batch, after the shared prompt pre
 off, as training does); otherwise every row is assumed max_seq_length long.
 
 The activation coefficients were fitted to mx.get_peak_memory on llama-shaped test models and on
-SmolLM2-135M (see tests/test_plan.py and the README table); predictions are within 8% there.
+SmolLM2-135M (see tests/training/test_plan.py and the README table); predictions are within 8% there.
 `mlxft train` refuses a plan that does not fit, and `--auto-fit` changes the recipe until it does.
 """
 
@@ -46,7 +46,7 @@ HEADROOM = 0.9
 # plus OUTSIDE_D * hidden per token outside the trainable blocks (embeddings, the frozen blocks'
 # transients, the final norm and the gathered hidden states). Fitted with non-negative
 # coefficients to mx.get_peak_memory of 14 LoRA configurations: 5 llama-shaped test models
-# (tests/test_plan.py) and 9 of SmolLM2-135M on its replay data (1-30 trainable blocks, batch
+# (tests/training/test_plan.py) and 9 of SmolLM2-135M on its replay data (1-30 trainable blocks, batch
 # 4-16, rank 8-32, shared prefix on/off, checkpointing); all within 8% (README). The hidden and
 # intermediate sizes move together in these models, so the split between ACT_D and ACT_F (and
 # OUTSIDE_D) is loose; their sum per token is what was measured.

@@ -38,20 +38,22 @@ from mlxft.errors import ConfigError, DataError, MlxftError
 from mlxft.files import sha256_file
 from mlxft.models.load import BaseModel, load_base
 from mlxft.recipes import resolve_data_dir
+from mlxft.runs.format import check_resumable, version_note
 from mlxft.runs.run import Run, RunDir
 from mlxft.training import distributed as dist
 from mlxft.training.adapters import adapter_config, attach_adapters, build_schedule, total_steps
-from mlxft.training.checkpoint import latest_checkpoint, read_progress, truncate_metrics
+from mlxft.training.checkpoint import describe_skipped, newest_complete_checkpoint, read_progress, truncate_metrics
 from mlxft.training.fast.paths import speed_paths
 from mlxft.training.loop import TrainResult, fit
 from mlxft.training.objective import Objective, Session
 from mlxft.training.plan import check_fits
+from mlxft.training.grpo import GRPO
 from mlxft.training.preference import Preference
 from mlxft.training.progress import Progress
 from mlxft.training.sft import SFT
 
 # train.method -> the objective that trains it (each has `from_data(recipe, data)`).
-OBJECTIVES: dict[str, type] = {"sft": SFT, "dpo": Preference, "orpo": Preference}
+OBJECTIVES: dict[str, type] = {"sft": SFT, "dpo": Preference, "orpo": Preference, "grpo": GRPO}
 
 
 def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | None = None, log=print,
@@ -85,7 +87,10 @@ def train(recipe: Recipe, data_dir: str | Path | None = None, runs_root: Path | 
 
 def resume(run_path: str | Path, log=print) -> TrainResult:
     """Continue RUN from its newest checkpoint with the recipe and data recorded in its config.json."""
-    root, ckpt, config = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
+    root, ckpt, config, notes = dist.on_main(_open_resumable, str(run_path))  # only rank 0 has the run folder
+    for note in [*notes, version_note(config)]:  # a damaged newest checkpoint; a run from another mlxft version
+        if note:
+            log(note)
     run, ckpt = Run(RunDir(Path(root)), config), Path(ckpt)
     dist.remember_run(run.root)
     recipe = run.recipe
@@ -199,19 +204,22 @@ def check_train_settings(t: TrainConfig) -> None:
 
 
 def _open_resumable(run_path: str) -> list:
-    """[run folder, newest checkpoint, config.json] of a run that can be resumed."""
+    """[run folder, newest complete checkpoint, config.json, notes] of a run that can be resumed; a
+    damaged newest checkpoint (truncated, corrupted) is skipped for the one before it, and said so."""
     run = RunDir.open(run_path)
     config = run.read_config()
-    ckpt = latest_checkpoint(run)
+    check_resumable(config, run.config)
+    ckpt, skipped = newest_complete_checkpoint(run)
     if ckpt is None:
         raise MlxftError(
-            f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing); "
-            "checkpoints are written every train.save_every steps"
+            f"{run.root} has no checkpoint to resume from ({run.checkpoints} is empty or missing"
+            + "".join(f"; {p.name} is damaged: {why}" for p, why in skipped)
+            + "); checkpoints are written every train.save_every steps"
         )
     done = read_progress(ckpt)
     if done.stop_reason:
         raise MlxftError(f"{run.root} already finished ({done.stop_reason} at step {done.step}); nothing to resume")
-    return [str(run.root), str(ckpt), config]
+    return [str(run.root), str(ckpt), config, describe_skipped(skipped, ckpt)]
 
 
 def _check_same_data(data_dir: Path, recorded: dict) -> None:

@@ -71,7 +71,8 @@ def test_format_override_and_bom_tolerated(tmp_path):
     ds = load_dataset(p, fmt="completions")
     assert [q.severity for q in ds.problems] == ["warning"] and "BOM" in ds.problems[0].message
     ds = load_dataset(p, fmt="alpaca")
-    assert "missing key(s) instruction, output" in ds.problems[-1].message
+    assert any("missing key(s) instruction, output" in q.message for q in ds.problems)
+    assert ds.problems[-1].code == "no-rows"  # and the file as a whole is refused: nothing usable in it
 
 
 def _corpus(n=200):
@@ -133,3 +134,65 @@ def test_unseen_format_prepared_checked_and_trained(tmp_path, tiny_model):
             "--set", "train.iters=2", "--set", "train.batch_size=2", "--set", "lora.num_layers=1",
             "--set", "train.val_every=2", "--set", "train.val_batches=1")
     assert r.exit_code == 0, r.output
+
+
+def test_prompt_rows_for_grpo_are_read_and_checked(tmp_path, tiny_model):
+    """GRPO learns from prompts: {"prompt", "reference"} rows and chat rows ending with a user turn are
+    data for a grpo recipe (prepare keeps them, data check passes them), an error for an SFT one."""
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"question {i}", "reference": f"answer {i}", "system": "Be brief."} for i in range(20)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(src)
+    assert ds.formats[str(src)] == "prompts" and not ds.problems
+    first = ds.splits["data"][0].row
+    assert first == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "question 0"}],
+                     "reference": "answer 0"}
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text(f"name: g\nmodel: {{source: '{tiny_model}', family: llama}}\ntrain: {{method: grpo}}\n"
+                    "grpo: {rewards: [exact_match]}\nlora: {targets: [self_attn.q_proj], num_layers: 2}\n")
+    ok = CliRunner().invoke(main, ["data", "check", str(src), "--recipe", str(grpo)])
+    assert ok.exit_code == 0, ok.output
+    sft = CliRunner().invoke(main, ["data", "check", str(src), "--model", str(tiny_model)])
+    assert sft.exit_code == 1 and "prompts.jsonl:1: error: conversation has no assistant turn" in sft.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": 7}) + "\n" + json.dumps({"prompt": "fine"}) + "\n")
+    out = CliRunner().invoke(main, ["data", "check", str(bad), "--recipe", str(grpo)])
+    assert out.exit_code == 1 and "bad.jsonl:1: error: prompt must be a string" in out.output
+    assert "Traceback" not in out.output
+
+NO_ROWS = {  # file content -> the reason every entry point must give
+    "header.csv": (b"prompt,completion\n", "only a header line (columns: prompt, completion)"),
+    "empty.json": (b"[]", "the JSON array is empty"),
+    "other.csv": (b"question,answer\nq,a\n", "columns found (answer, question) match no known format"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_ROWS))
+def test_no_usable_rows_is_an_error_at_every_entry_point(name, tmp_path):
+    from mlxft.data.encode import read_chat_jsonl
+    from mlxft.errors import DataError
+    from mlxft.data.check import check_path
+    from mlxft.data.synth import read_seeds
+
+    data, reason = NO_ROWS[name]
+    src = tmp_path / name
+    src.write_bytes(data)
+    report = check_path(src)  # data check
+    assert not report.ok and any(reason in p.message for p in report.errors)
+    assert "OK to train" not in report.format()
+    with pytest.raises(DataError, match="nothing written"):  # data prepare
+        prepare_dataset(src, tmp_path / "out")
+    folder = tmp_path / "splits"  # train reads train + valid through load_splits
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    (folder / ("valid" + src.suffix)).write_bytes(data)
+    with pytest.raises(DataError, match="valid"):
+        load_splits(folder)
+    if name != "other.csv":  # a seed may be any object with a text field; a chat row with none is still refused
+        with pytest.raises(DataError, match=reason.split(" (")[0]):  # synth seeds
+            read_seeds(src)
+    blank = tmp_path / "blank.jsonl"  # eval suites and few-shot files read chat JSONL
+    blank.write_text("\n  \n")
+    with pytest.raises(DataError, match="no rows"):
+        read_chat_jsonl(blank, need_role="user")
+    assert src.read_bytes() == data

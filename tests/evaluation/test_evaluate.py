@@ -141,7 +141,7 @@ def test_shared_prefix_generation_matches_plain(tiny_model):
     from mlx_lm.utils import load
 
     from mlxft.data.encode import prompt_ids
-    from mlxft.evaluation.sides import generate_batch
+    from mlxft.inference.batch import generate_batch
 
     model, tokenizer = load(str(tiny_model))
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"gamma x {w}"}], SYSTEM) for w in ("y", "z w", "x x x")]

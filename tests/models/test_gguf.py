@@ -13,7 +13,8 @@ from mlx_lm.models import llama
 from mlx_lm.utils import load, load_tokenizer
 
 from mlxft.errors import ModelError
-from mlxft.models.gguf import gguf_metadata_summary, import_gguf
+from mlxft.models.gguf import gguf_metadata_summary
+from mlxft.models.gguf_import import import_gguf
 
 F32, Q4_0, Q4_1, Q8_0, Q4_K, Q8_K, BF16 = 0, 2, 3, 8, 12, 15, 30  # ggml type ids
 ARGS = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,

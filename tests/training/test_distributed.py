@@ -116,7 +116,7 @@ def test_hostfile_for_hosts_resolves_names_and_keeps_loopback_local():
 def test_launcher_exit_code_comes_from_the_ranks_not_from_mlx_launch():
     # mlx.launch exits 0 even when a rank fails; mlxft reads its per-rank status lines.
     def relay(lines):
-        return dist._relay(["sh", "-c", "; ".join(f"echo '{line}' >&2" for line in lines) or "true"])
+        return launch.relay(["sh", "-c", "; ".join(f"echo '{line}' >&2" for line in lines) or "true"])
 
     assert relay([]) == 0
     assert relay(["[WARN] Node with rank 1 exited with code -9"]) == 1

@@ -5,7 +5,7 @@ the rows of a micro-batch into a few bins (longest row first into the lightest b
 come out about equally long) and runs each bin as one sequence, with
 
 - a block-diagonal causal mask: a token sees only the earlier tokens of its own example, never
-  a token of another example packed into the same bin (tests/test_packing.py proves it);
+  a token of another example packed into the same bin (tests/training/fast/test_packing.py proves it);
 - per-token RoPE positions that restart at every example, applied by the attention's own rope
   module (same frequencies, scaling and layout) called at an array of positions;
 
@@ -32,22 +32,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxft.models import families
-from mlxft.training.fast.prefix import SharedPrefixLoss, shared_hidden
+from mlxft.training.fast.prefix import SharedPrefixLoss, shared_hidden, supports_shared_prefix
 from mlxft.training.loss import supervised_loss
 
 
 def supports_packing(model: nn.Module, family: str) -> bool:
-    """True where the blocks can be driven one by one with an explicit mask and a swappable rope."""
-    inner = getattr(model, "model", None)
-    if family not in families.PACKING or inner is None:
+    """True where the blocks can be driven one by one (as the shared prefix needs) with an explicit
+    mask and a swappable rope."""
+    if family not in families.PACKING or not supports_shared_prefix(model, family):
         return False
-    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm")):
-        return False
-    return all(
-        isinstance(getattr(getattr(layer, "self_attn", None), "rope", None), nn.Module)
-        and not getattr(layer, "use_sliding", False)
-        for layer in inner.layers
-    )
+    return all(isinstance(getattr(getattr(layer, "self_attn", None), "rope", None), nn.Module)
+               for layer in model.model.layers)
 
 
 # ---------------------------------------------------------------- layout

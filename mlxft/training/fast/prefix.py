@@ -73,6 +73,8 @@ class _Prefixed:
 
 
 def supports_shared_prefix(model: nn.Module, family: str) -> bool:
+    """True where the family's blocks take mlx-lm's cache protocol and can be driven one by one
+    (embeddings, blocks, final norm; no sliding-window layers)."""
     inner = getattr(model, "model", None)
     if family not in families.SHARED_PREFIX or inner is None:
         return False
@@ -90,9 +92,11 @@ def first_trainable_layer(model: nn.Module) -> int:
 
 
 def shared_prefix_length(rows) -> int:
-    """Longest common prefix of the rows' ids, ending before the first supervised input position."""
+    """Longest common prefix of the rows' ids, ending before the first supervised input position and
+    leaving every row at least one input of its own (rows cut at max_seq_length before their answer
+    can be identical and wholly unsupervised)."""
     first = rows[0].ids
-    n = min(len(r.ids) for r in rows) - 1
+    n = min(len(r.ids) for r in rows) - 2
     for r in rows:
         ids = np.asarray(r.ids[: n + 1])
         diff = np.flatnonzero(ids[:n] != np.asarray(first[:n]))

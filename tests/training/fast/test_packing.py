@@ -3,7 +3,7 @@
 Tolerances (fp32 on CPU; only the order of the attention reductions differs from the padded
 path): logits of untouched examples are unchanged to 1e-6 when another packed example changes;
 loss, per-example losses and every gradient agree with the unpacked path to 1e-5 relative
-(gradients 1e-4 of their largest entry, as tests/test_speed_numerics.py); a 30-step loss curve
+(gradients 1e-4 of their largest entry, as tests/integration/test_speed_numerics.py); a 30-step loss curve
 stays within 1e-3 relative of the unpacked run at every step, plain and shared-prefix.
 """
 
