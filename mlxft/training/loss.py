@@ -54,7 +54,8 @@ def logits_peak_bytes(n_positions: int, vocab: int, chunkable: bool = True, fuse
     step = chunk_rows(n_positions, vocab) if chunkable else n_positions
     if step >= n_positions:
         return n_positions * vocab * 4 * ONE_PIECE_COPIES
-    return step * vocab * 4 * CHUNKED_PEAK_CHUNKS
+    # ~12 chunks in flight, never more than there are (plus the one the backward recomputes)
+    return step * vocab * 4 * min(CHUNKED_PEAK_CHUNKS, -(-n_positions // step) + 1)
 
 
 def head_weight(model: nn.Module) -> mx.array | None:

@@ -2,8 +2,10 @@
 
 Peak memory = base weights at their training precision + trainable parameters with their
 gradients and AdamW state + saved activations of the trainable blocks (all of them, or with
-gradient checkpointing each block's input plus the share MLX keeps alive anyway) + per-token
-arrays outside the trainable blocks + the logits at supervised positions. Token counts come from the
+gradient checkpointing each block's input plus one block's recomputation, or under mlx-lm's
+checkpointing the share MLX keeps alive anyway) + per-token arrays outside the trainable blocks
+(+ the chunked attention's transient chunks at long context on the CPU) + the logits at supervised
+positions. Token counts come from the
 recipe's data when it is on disk (the longest batch, after the shared prompt prefix is split
 off, as training does); otherwise every row is assumed max_seq_length long.
 
@@ -15,24 +17,25 @@ SmolLM2-135M (see tests/training/test_plan.py and the README table); predictions
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from huggingface_hub import snapshot_download
 
 from mlxft.config import Recipe
 from mlxft.data.encode import encode_rows, load_splits, load_tokenizer
 from mlxft.doctor import matmul_gflops
-from mlxft.errors import ConfigError, ModelError
-from mlxft.models.load import BUILTIN_PREFIX, backend as current_backend, resolve_model
+from mlxft.errors import ConfigError
+from mlxft.models import families
+from mlxft.models.load import backend as current_backend
 from mlxft.recipes import resolve_data_dir, usable_memory_bytes
 from mlxft.training.batches import EpochBatches
-from mlxft.training.fast.fastmath import can_build_kernels
+from mlxft.training.fast.attention import chunk_rows as attention_chunk_rows
+from mlxft.training.fast.fastexp import can_build_kernels
 from mlxft.training.fast.paths import speed_paths
 from mlxft.training.fast.prefix import PAD_MULTIPLE, batch_groups, row_groups
 from mlxft.training.loss import logits_peak_bytes
+from mlxft.training.shapes import Shape, shape_of
 
 # Share of the budget a run may plan to use: the process itself, the OS and the allocator's
 # cache need the rest.
@@ -49,50 +52,28 @@ HEADROOM = 0.9
 # OUTSIDE_D) is loose; their sum per token is what was measured.
 ACT_D, ACT_F, ACT_ATTN = 0.09, 3.75, 2.83
 OUTSIDE_D = 34.5
+# The fused SwiGLU (CPU training, fastmath.py) keeps its two inputs, not the SiLU's output too.
+FUSED_SWIGLU_SAVES = 1.0
 # Under mlx-lm's gradient checkpointing MLX still keeps many blocks' full activations alive
 # (it recomputes ahead): fitted 80% of the trainable blocks, never fewer than 2 blocks' worth.
+# (mlxft checkpoints by blocks where the family allows: fast/blockwise.py, BLOCKWISE_BLOCKS below.)
 CHECKPOINT_BLOCKS = 2.0
 CHECKPOINT_SHARE = 0.8
+# Long rows on the CPU run the attention in query chunks (fast/attention.py): per token it keeps
+# ATTN_CHUNKED * heads * head_dim instead of ACT_ATTN * heads * keys, plus ATTN_CHUNKS chunks of
+# scores in flight (MLX evaluates a few operations ahead). Checkpointing by blocks keeps every
+# trainable block's input and BLOCKWISE_BLOCKS blocks' activations (the recomputed block and its
+# backward). Fitted to SmolLM2-135M at 1024-4096 tokens and a Llama-3.2-1B-shaped model (README).
+ATTN_CHUNKED = 7.0
+ATTN_CHUNKS = 12
+BLOCKWISE_BLOCKS = 3.0
+# Short rows (attention in one piece) under checkpointing by blocks: the recomputed block's backward
+# also holds this many fp32 score-sized arrays (scores, probabilities' and scores' gradients) beyond
+# the saved ones. Fitted to the two such measurements (a d384 test model at 8 x 184 tokens, -15% without
+# it; SmolLM2-135M's default recipe, -3%).
+BLOCKWISE_SCORES = 3.0
 # Achieved share of the measured matmul FLOP/s for a LoRA step on the CPU (bench/train_bench.py).
 STEP_EFFICIENCY = 0.4
-
-# Published config.json shapes of the recipes' hub models, so `mlxft plan` works before a download.
-KNOWN_SHAPES = {
-    "mlx-community/Llama-3.2-1B-Instruct-bf16": dict(layers=16, hidden=2048, inter=8192, heads=32, kv=8, hd=64, vocab=128256, tied=True, bits=16),
-    "mlx-community/Llama-3.2-3B-Instruct-4bit": dict(layers=28, hidden=3072, inter=8192, heads=24, kv=8, hd=128, vocab=128256, tied=True, bits=4),
-    "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit": dict(layers=32, hidden=4096, inter=14336, heads=32, kv=8, hd=128, vocab=128256, tied=False, bits=4),
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(layers=24, hidden=896, inter=4864, heads=14, kv=2, hd=64, vocab=151936, tied=True, bits=16),
-    "mlx-community/Qwen2.5-7B-Instruct-4bit": dict(layers=28, hidden=3584, inter=18944, heads=28, kv=4, hd=128, vocab=152064, tied=False, bits=4),
-    "mlx-community/Qwen3-4B-Instruct-2507-4bit": dict(layers=36, hidden=2560, inter=9728, heads=32, kv=8, hd=128, vocab=151936, tied=True, bits=4),
-    "mlx-community/Mistral-7B-Instruct-v0.3-4bit": dict(layers=32, hidden=4096, inter=14336, heads=32, kv=8, hd=128, vocab=32768, tied=False, bits=4),
-    "mlx-community/Phi-3.5-mini-instruct-4bit": dict(layers=32, hidden=3072, inter=8192, heads=32, kv=32, hd=96, vocab=32064, tied=False, bits=4),
-    "mlx-community/gemma-3-1b-it-bf16": dict(layers=26, hidden=1152, inter=6912, heads=4, kv=1, hd=256, vocab=262144, tied=True, bits=16),
-    "mlx-community/Qwen3-30B-A3B-Instruct-2507-4bit": dict(layers=48, hidden=2048, inter=768, heads=32, kv=4, hd=128, vocab=151936, tied=False, bits=4, experts=128, active=8),
-}
-
-
-@dataclass
-class Shape:
-    layers: int
-    hidden: int
-    inter: int
-    heads: int
-    kv: int
-    hd: int
-    vocab: int
-    tied: bool
-    bits: int = 16  # the source's precision: 4/8 quantized, 16 (bf16/fp16) or 32
-    experts: int = 0  # MoE: experts per block (0 = dense) and experts active per token
-    active: int = 0
-
-    def block_params(self) -> int:
-        attn = self.hidden * self.heads * self.hd * 2 + 2 * self.hidden * self.kv * self.hd
-        mlp = 3 * self.hidden * self.inter * max(self.experts, 1)
-        return attn + mlp
-
-    def total_params(self) -> int:
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * self.block_params() + embed
 
 
 @dataclass
@@ -113,59 +94,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.peak_bytes <= self.budget_bytes * HEADROOM
-
-
-def shape_of(source: str) -> Shape:
-    """The model's shape from its config.json on disk, else from KNOWN_SHAPES."""
-    config = _local_config(source)
-    if config is None:
-        if source in KNOWN_SHAPES:
-            return Shape(**KNOWN_SHAPES[source])
-        raise ConfigError(f"cannot plan for model '{source}': it is not on disk and its shape is not in mlxft/training/plan.py KNOWN_SHAPES")
-    return shape_from_config(config)
-
-
-def shape_from_config(c: dict) -> Shape:
-    c = {**c, **(c.get("text_config") or {})}
-    heads = c["num_attention_heads"]
-    q = c.get("quantization") or {}
-    dtype = str(c.get("torch_dtype") or c.get("dtype") or "bfloat16")
-    bits = q.get("bits") or (32 if "32" in dtype else 16)
-    return Shape(
-        layers=c["num_hidden_layers"], hidden=c["hidden_size"],
-        inter=c["moe_intermediate_size"] if c.get("num_experts") else c["intermediate_size"],
-        heads=heads, kv=c.get("num_key_value_heads", heads), hd=c.get("head_dim") or c["hidden_size"] // heads,
-        vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)), bits=bits,
-        experts=c.get("num_experts") or 0, active=c.get("num_experts_per_tok") or 0,
-    )
-
-
-def _local_config(source: str) -> dict | None:
-    if not (source.startswith(BUILTIN_PREFIX) or Path(source).expanduser().exists()):
-        try:
-            path = Path(snapshot_download(source, allow_patterns=["config.json"], local_files_only=True))
-            return json.loads((path / "config.json").read_text())
-        except Exception:
-            return None
-    try:
-        path = resolve_model(source, dequantize="fp32" if source.startswith(BUILTIN_PREFIX) or source.endswith(".gguf") else None)
-    except ModelError:
-        return None
-    config = json.loads((path / "config.json").read_text())
-    dtype = _safetensors_dtype(path)
-    if dtype and not config.get("quantization"):  # mlx-lm loads the stored dtype, whatever config.json says
-        config["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(dtype, config.get("torch_dtype"))
-    return config
-
-
-def _safetensors_dtype(path: Path) -> str | None:
-    """The dtype of the first floating-point tensor in the folder's first safetensors file (header only)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    with open(files[0], "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return next((v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))), None)
 
 
 def training_precision(shape: Shape, source: str, quantize: int | None, backend: str) -> tuple[float, int, str]:
@@ -257,21 +185,19 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
     t, lora = recipe.train, recipe.lora
     w_bytes, a_bytes, label = training_precision(shape, recipe.model.source, recipe.quantize, backend)
     n_train = shape.layers if lora.num_layers == -1 else min(lora.num_layers, shape.layers)
-    D, F = shape.hidden, shape.inter * max(shape.active, 1)
     weights = shape.total_params() * w_bytes
     if recipe.fine_tune_type == "full":
         trainable = n_train * shape.block_params() * w_bytes * 4  # weights' grads + 2 AdamW moments (+ the update)
     else:
         trainable = n_train * _lora_params(shape, lora) * 4 * 4  # fp32 A/B, grads, 2 AdamW moments
-    blocks_alive = max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) if t.grad_checkpoint else n_train
-    saved_inputs = n_train * D if t.grad_checkpoint else 0
-    keys = batch.prefix + batch.suffix
-    per_token = ACT_D * D + ACT_F * F + ACT_ATTN * shape.heads * keys + 4 * lora.rank * 7
-    trainable_tokens = batch.padded  # suffix rows + the prefixes (one per group)
-    activations = (saved_inputs + blocks_alive * per_token + OUTSIDE_D * D) * trainable_tokens * a_bytes
-    fused = backend == "cpu" and t.fast_silu and can_build_kernels()  # the fused fast-exp loss (mlxft/training/loss.py)
+    fused = backend == "cpu" and t.fast_silu and can_build_kernels()  # the fused kernels (fastmath, attention.py)
+    kept, blocks = activation_bytes(recipe, shape, batch, n_train, a_bytes, fused)
     logits = logits_peak_bytes(batch.supervised, shape.vocab, fused=fused)  # one piece, or chunked
-    peak = weights + trainable + activations + logits
+    activations = kept + blocks
+    if blocks:  # checkpointing by blocks evaluates the blocks and the head apart: their peaks do not add up
+        peak = weights + trainable + kept + max(blocks, logits)
+    else:
+        peak = weights + trainable + activations + logits
     tps = 0.0
     if matmul_flops:  # tokens over time, time = matmul FLOPs at the achieved share of the measured rate
         speed = speed_batches or [batch]
@@ -279,6 +205,33 @@ def predict(recipe: Recipe, shape: Shape, batch: Batch, backend: str = "cpu", bu
         tps = sum(b.tokens or b.rows * (b.suffix + b.prefix) for b in speed) / (work / (matmul_flops * STEP_EFFICIENCY))
     return Plan(recipe.name, backend, budget_bytes or 0, weights, trainable, activations, logits, peak,
                 batch.rows * (batch.suffix + batch.prefix) * t.grad_accumulation, tps, label)
+
+
+def activation_bytes(recipe: Recipe, shape: Shape, batch: Batch, n_train: int, a_bytes: int, fused: bool) -> tuple[float, float]:
+    """(activation memory that stays through the step, and what is alive only while the blocks run)
+    at the step's peak: the trainable blocks' saved activations (all of them; with checkpointing by
+    blocks each block's input, then one block's recomputation at a time; with mlx-lm's
+    checkpointing the share MLX keeps alive), per-token arrays outside them, and on the CPU the
+    chunked attention's transient chunks (long rows: its saved part is then linear in the tokens)."""
+    t, D, F = recipe.train, shape.hidden, shape.inter * max(shape.active, 1)
+    keys = batch.prefix + batch.suffix
+    rows = attention_chunk_rows(batch.rows, shape.heads, batch.suffix, keys)
+    chunked = fused and rows < batch.suffix
+    attention = ATTN_CHUNKED * shape.heads * shape.hd if chunked else ACT_ATTN * shape.heads * keys
+    act_f = ACT_F - FUSED_SWIGLU_SAVES if fused and recipe.model.family in families.SWIGLU else ACT_F
+    per_token = ACT_D * D + act_f * F + attention + 4 * recipe.lora.rank * 7
+    chunks = -(-batch.suffix // rows)  # chunks of fp32 scores in flight, never more than there are
+    chunk = batch.rows * shape.heads * rows * keys * 4 if chunked else 0
+    tokens = batch.padded * a_bytes
+    transient = min(ATTN_CHUNKS, chunks) * chunk
+    if speed_paths(recipe).blockwise:  # every block's input, then one block at a time (blockwise.py)
+        scores = 0 if chunked else BLOCKWISE_SCORES * batch.rows * shape.heads * batch.suffix * keys * 4
+        return n_train * D * tokens, BLOCKWISE_BLOCKS * per_token * tokens + transient + scores
+    if t.grad_checkpoint:  # mlx-lm's mx.checkpoint per block
+        kept = n_train * D + max(CHECKPOINT_BLOCKS, CHECKPOINT_SHARE * n_train) * per_token
+    else:
+        kept = n_train * per_token
+    return (kept + OUTSIDE_D * D) * tokens + transient, 0.0
 
 
 def _lora_params(shape: Shape, lora) -> int:

@@ -2,7 +2,8 @@
 
 The objective picks its forward ONCE, when it is attached to the model (fast/paths.py says
 which): plain padded rows, the shared-prefix forward (the prompt every row shares runs once per
-batch, fast/prefix.py) or packed bins (fast/packing.py). All three compute the same loss: the
+batch, fast/prefix.py), packed bins (fast/packing.py) or, with checkpointing, padded rows whose
+backward runs one block at a time (fast/blockwise.py). All of them compute the same loss: the
 mean cross-entropy over the batch's supervised positions, with the head run only there where
 the family allows (loss.py).
 """
@@ -20,6 +21,7 @@ from mlxft.data.encode import Encoded, pad_rows
 from mlxft.data.training_data import TrainingData
 from mlxft.errors import DataError
 from mlxft.training.batches import EpochBatches
+from mlxft.training.fast.blockwise import BlockwiseLoss
 from mlxft.training.fast.packing import PackedLoss
 from mlxft.training.fast.paths import SpeedPaths
 from mlxft.training.fast.prefix import SharedPrefixLoss
@@ -87,6 +89,21 @@ class SharedPrefixForward:
         return self.shared.loss(model, rows, groups) if groups else self.plain.loss(model, rows)
 
 
+class BlockwiseForward:
+    """Checkpointed padded rows, the backward one block at a time (fast/blockwise.py); validation
+    (no gradients) through the plain forward."""
+
+    def __init__(self, blockwise: BlockwiseLoss, plain: PlainForward):
+        self.blockwise, self.plain = blockwise, plain
+
+    def loss_and_grad(self, model, rows):
+        inputs, targets, idx, _, _ = collate(rows)
+        return self.blockwise.loss_and_grad(model, inputs, targets, idx)
+
+    def loss(self, model, rows):
+        return self.plain.loss(model, rows)
+
+
 class PackedForward:
     """Rows end to end in bins (with the shared prefix split off where it applies)."""
 
@@ -107,6 +124,8 @@ def choose_forward(model: nn.Module, recipe: Recipe, paths: SpeedPaths):
     if paths.packing:
         return PackedForward(PackedLoss(model, lm_head, recipe.train.max_seq_length, shared=shared))
     plain = PlainForward(model, recipe.model.family)
+    if paths.blockwise:
+        return BlockwiseForward(BlockwiseLoss(model, lm_head), plain)
     return SharedPrefixForward(shared, plain) if shared is not None else plain
 
 

@@ -97,6 +97,43 @@ def test_predicted_peak_memory_within_15_percent(shapes, tmp_path, model, data, 
     assert abs(ratio - 1) <= TOLERANCE, f"predicted {plan.peak_bytes / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"
 
 
+def _long_rows(root, name, words):
+    """Rows of ~`words` prompt tokens and a ~100-token answer, for batch-1 long-context runs."""
+    rng = random.Random(1)
+    out = root / name
+    out.mkdir()
+    for split, n in (("train", 2), ("valid", 1)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                text = " ".join(rng.choice("xyzw") for _ in range(words))
+                answer = " ".join(rng.choice(LABELS) for _ in range(30))
+                f.write(json.dumps({"messages": [{"role": "user", "content": text},
+                                                 {"role": "assistant", "content": answer}]}) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_long_rows_predicted_within_15_percent_at_three_lengths(tmp_path_factory, checkpoint):
+    """Batch 1 at 1536, 2048 and 3072 tokens (the chunked attention runs at all three; with
+    checkpointing, by blocks): the plan's peak within 15% of one training step's, every length."""
+    from mlxft.training.setup import train
+
+    root = tmp_path_factory.mktemp("long")
+    model = _model(root, "d256x4", 256, 768, 4, 8, 2)
+    for length in (1536, 2048, 3072):
+        data = _long_rows(root, f"rows{length}", (length - 200) // 2)  # ~2 tokens a word: rows just under the length
+        recipe = load_recipe("smollm2-135m", tier=8, overrides=[
+            f"model.source={model}", "train.iters=1", "train.val_every=1000", "train.val_batches=1", "train.save_every=0",
+            "train.batch_size=1", "lora.num_layers=-1", f"train.max_seq_length={length}", "data.system_prompt=null",
+            f"train.grad_checkpoint={'true' if checkpoint else 'false'}"])
+        plan = planner.plan_recipe(recipe, data, measure_speed=False)
+        measured = _run_peak(lambda: train(recipe, data, runs_root=root / "runs", log=lambda *a: None))
+        ratio = plan.peak_bytes / measured
+        print(f"\nd256x4 {length} tokens, checkpointing {checkpoint}: predicted {plan.peak_bytes / 1e6:.1f} MB, "
+              f"measured {measured / 1e6:.1f} MB, {ratio:.3f}")
+        assert abs(ratio - 1) <= TOLERANCE, f"{length}: predicted {plan.peak_bytes / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"
+
+
 def test_known_shapes_plan_without_weights():
     """Hub recipes plan from their published shapes; bigger models need more than smaller ones."""
     sizes = {}
