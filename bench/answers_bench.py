@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     from mlxft.data.encode import load_tokenizer
     from mlxft.recipes import load_recipe
-    from mlxft.training.plan import _encoded_rows
+    from mlxft.training.plan import encoded_rows
 
     base = base_folder()
     work = Path(tempfile.mkdtemp(prefix="mlxft-answers-"))
@@ -67,7 +67,7 @@ def main() -> None:
     data, n_train = write_answer_rows(work / "rows", tok)
     common = [f"train.max_seq_length={MAX_LENGTH}", "data.system_prompt=null", f"train.iters={args.iters}"]
     recipe = load_recipe(RECIPE, tier=24, overrides=common)
-    order = mlxft_order(recipe, _encoded_rows(recipe.model.source, str(data), None, MAX_LENGTH))
+    order = mlxft_order(recipe, encoded_rows(recipe.model.source, str(data), None, MAX_LENGTH))
     eot = end_of_turn(base)
     peers = [p for p in args.peers.split(",") if p and (p != "mlx_lm_lora" or importlib.util.find_spec("mlx_lm_lora"))]
     configs = {tool: tool_config(tool, base, data, work, iters=args.iters + 1, batch_size=recipe.train.batch_size,

@@ -48,11 +48,11 @@ def settings(length: int, iters: int, checkpoint: bool) -> list[str]:
 
 def one_length(base: Path, work: Path, length: int, iters: int, rounds: int, checkpoint: bool) -> dict:
     from mlxft.recipes import load_recipe
-    from mlxft.training.plan import _encoded_rows
+    from mlxft.training.plan import encoded_rows
 
     data = write_long_rows(work / f"rows-{length}", PROBLEMS_PER_2048 * length // 2048, n_rows=iters + 2)
     recipe = load_recipe(RECIPE, tier=24, overrides=settings(length, iters, checkpoint))
-    rows = _encoded_rows(recipe.model.source, str(data), None, length)
+    rows = encoded_rows(recipe.model.source, str(data), None, length)
     order = mlxft_order(recipe, rows)
     config = tool_config("mlx_lm", base, data, work, iters=iters + 1, batch_size=1, max_seq_length=length,
                          num_layers=LORA_LAYERS, learning_rate=recipe.train.learning_rate, grad_checkpoint=checkpoint,

@@ -90,11 +90,11 @@ class Tools:
 
     def train_mlx_lm(self, length: int, checkpoint: bool, iters: int, limit: int | None = None) -> dict:
         from mlxft.recipes import load_recipe
-        from mlxft.training.plan import _encoded_rows
+        from mlxft.training.plan import encoded_rows
 
         recipe = load_recipe(RECIPE, tier=24, overrides=sets(length, checkpoint, iters))
         data = self.data(length)
-        order = mlxft_order(recipe, _encoded_rows(recipe.model.source, str(data), None, length))
+        order = mlxft_order(recipe, encoded_rows(recipe.model.source, str(data), None, length))
         config = tool_config("mlx_lm", self.base, data, self.work, iters=iters, batch_size=1, max_seq_length=length,
                              num_layers=-1, learning_rate=recipe.train.learning_rate, grad_checkpoint=checkpoint,
                              lora={"rank": recipe.lora.rank, "scale": recipe.lora.scale, "dropout": 0.0,

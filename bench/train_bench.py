@@ -181,14 +181,14 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
 def mlxft_batches() -> tuple[list, list]:
     """(encoded train rows, mlxft train's epoch-0 batches of the default recipe as row indices =
     train.jsonl lines); read once per bench run, for mlx_lm.lora's batches and the FLOP count."""
-    from mlxft.training.plan import _encoded_rows
+    from mlxft.training.plan import encoded_rows
     from mlxft.recipes import load_recipe
     from mlxft.training.batches import EpochBatches
     from mlxft.training.fast.paths import speed_paths
 
     r = load_recipe(RECIPE, tier=8)
     # The plan's cached encoding (its tokenizer alone, no weights): step_flops' epoch_batches reuses it.
-    rows = _encoded_rows(r.model.source, str(ROOT / r.data.path), r.data.system_prompt, r.train.max_seq_length)
+    rows = encoded_rows(r.model.source, str(ROOT / r.data.path), r.data.system_prompt, r.train.max_seq_length)
     return rows, EpochBatches(rows, r.train, grouped=speed_paths(r).grouped_batches).order(0)
 
 

@@ -135,7 +135,7 @@ def epoch_batches(recipe: Recipe, data_dir: Path | None, rows: list | None = Non
     if rows is None and (data_dir is None or not (Path(data_dir) / "train.jsonl").is_file()):
         return [worst], f"no data at {data_dir}: assumed every row is max_seq_length={t.max_seq_length} tokens"
     try:
-        rows = rows if rows is not None else _encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt,
+        rows = rows if rows is not None else encoded_rows(recipe.model.source, str(data_dir), recipe.data.system_prompt,
                                                            t.max_seq_length)
     except Exception as error:  # an unreadable row is `mlxft data check`'s job to report
         return [worst], f"could not read {data_dir} ({error}): assumed max_seq_length rows"
@@ -172,7 +172,8 @@ def prefix_note(b: Batch) -> str:
 
 
 @functools.lru_cache(maxsize=4)  # auto-fit re-plans the same data several times
-def _encoded_rows(source: str, data_dir: str, system_prompt: str | None, max_seq_length: int):
+def encoded_rows(source: str, data_dir: str, system_prompt: str | None, max_seq_length: int):
+    """The train split of `data_dir` encoded as training encodes it (cached: the benches and auto-fit reuse it)."""
     tok, _ = load_tokenizer(source)
     split = load_splits(Path(data_dir), ("train",))["train"]
     return encode_rows(tok, split, system_prompt, max_seq_length)
