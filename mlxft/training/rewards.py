@@ -48,16 +48,16 @@ class Reward:
 @dataclass
 class Rewards:
     rewards: list[Reward]
-    default: list[str] | None = None  # names that score a row with no `rewards` field (None: all of them)
+    default: list[str]  # the names that score a row with no `rewards` field (grpo.rewards + reward_functions)
 
     def __call__(self, completions: list[str], examples: list[Example]) -> tuple[list[float], dict[str, list[float]]]:
         """(weighted total per completion, each reward's values over the completions it scored).
 
         A row's `rewards` field names the rewards that score it; other rows get `default`."""
-        applies = {r.name: [i for i, e in enumerate(examples) if r.name in self.names_for(e)] for r in self.rewards}
+        names = [self.names_for(e) for e in examples]
         totals, values = [0.0] * len(completions), {}
         for r in self.rewards:
-            rows = applies[r.name]
+            rows = [i for i, n in enumerate(names) if r.name in n]
             if not rows:
                 continue
             values[r.name] = r.score([completions[i] for i in rows], [examples[i] for i in rows])
@@ -66,10 +66,7 @@ class Rewards:
         return totals, values
 
     def names_for(self, example: Example) -> list[str]:
-        named = example.row.get("rewards")
-        if named is not None:
-            return named
-        return self.default if self.default is not None else [r.name for r in self.rewards]
+        return example.row.get("rewards") or self.default
 
     def check_rows(self, examples: list[tuple[str, Example]]) -> None:
         """One DataError for the first row naming a reward the recipe does not define (file:line)."""
@@ -92,7 +89,7 @@ class Rewards:
 def build_rewards(cfg: GrpoConfig, base_dir: Path | None = None) -> Rewards:
     """The rewards a recipe's `grpo:` section names, or one ConfigError listing every bad one."""
     problems: list[str] = []
-    suite = None
+    suite, base = None, base_dir or Path.cwd()
     if cfg.reward_suite:
         try:
             suite = load_suite(cfg.reward_suite)
@@ -101,7 +98,7 @@ def build_rewards(cfg: GrpoConfig, base_dir: Path | None = None) -> Rewards:
     out = []
     for i, spec in enumerate(cfg.rewards):
         try:
-            out.append(_scorer_reward(spec, suite, base_dir or Path.cwd()))
+            out.append(_scorer_reward(spec, suite, base))
         except (ConfigError, ScorerParamError, ValueError) as e:
             problems.append(f"grpo.rewards[{i}] {spec!r}: {e}")
     for i, spec in enumerate(cfg.reward_functions):
@@ -112,7 +109,7 @@ def build_rewards(cfg: GrpoConfig, base_dir: Path | None = None) -> Rewards:
     default = [r.name for r in out]
     for i, spec in enumerate(cfg.row_rewards):
         try:
-            out.append(_scorer_reward(spec, suite, base_dir or Path.cwd()))
+            out.append(_scorer_reward(spec, suite, base))
         except (ConfigError, ScorerParamError, ValueError) as e:
             problems.append(f"grpo.row_rewards[{i}] {spec!r}: {e}")
     names = [r.name for r in out]
