@@ -42,55 +42,16 @@ from mlxft.training.plan import STEP_EFFICIENCY
 from mlxft.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+# mlx_lm.lora runs through peers.py's WRAPPER: stock compute, mlxft's batches (same rows per step,
+# built as mlx-lm builds its own), each training batch's real tokens, mlx-lm's supervised count and
+# ours (answer + <|im_end|>) recorded.
+from peers import WRAPPER  # noqa: E402
+
 RECIPE = "smollm2-135m"
 WINDOW = 5  # steps per reporting window
 DOCTOR_MATMUL_N = 2048  # `mlxft doctor` measures fp32 2048 x 2048 matmuls (mlxft/doctor.py collect)
-
-# mlx_lm.lora with a counting wrapper around its batch iterator, which serves mlxft's batches (same rows per step,
-# built as mlx-lm builds its own): the compute is stock; we only
-# record each training batch's real tokens, mlx-lm's supervised count and ours (answer + <|im_end|>).
-MLX_LM_WRAPPER = r"""
-import json, sys, time, functools
-import mlxft  # OpenBLAS before mlx, as for mlxft
-import numpy as np
-import mlx.core as mx
-from mlx_lm import lora
-from mlx_lm.tuner import trainer
-records = []
-eot = int(sys.argv.pop(1)); out = sys.argv.pop(1); order = json.load(open(sys.argv.pop(1)))
-def same_order(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
-    # Training batches: mlxft's rows per step (line indices of train.jsonl), built as mlx-lm builds
-    # its own (right-padded to 1 + a multiple of 32, (offset, length) pairs); validation: stock.
-    if not loop:
-        yield from trainer.iterate_batches(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
-        return
-    for k in range(10**9):
-        items = [dataset[j] for j in order[k % len(order)]]
-        toks, offsets = zip(*items) if len(items[0]) == 2 else (items, [0] * len(items))
-        lengths = [min(len(x), max_seq_length) for x in toks]
-        width = min(1 + 32 * ((max(len(x) for x in toks) + 31) // 32), max_seq_length)
-        arr = np.zeros((len(toks), width), np.int32)
-        for i, x in enumerate(toks):
-            arr[i, : lengths[i]] = x[: lengths[i]]
-        yield mx.array(arr), mx.array(list(zip(offsets, lengths)))
-def counting(*a, **k):
-    for batch, lengths in same_order(*a, **k):
-        if k.get("loop"):
-            b, L = np.array(batch), np.array(lengths)
-            ours = 0
-            for row, (off, n) in zip(b, L):
-                comp = list(row[off:n])
-                ours += comp.index(eot) + 1 if eot in comp else len(comp)
-            # the trainer asks for batch k+1 right after step k's mx.eval: yield times time the steps
-            records.append([time.perf_counter(), mx.get_peak_memory(), int(L[:, 1].sum()),
-                            int((L[:, 1] - L[:, 0] + 1).sum()), int(ours)])
-        yield batch, lengths
-lora.train = functools.partial(trainer.train, iterate_batches=counting)
-try:
-    lora.main()
-finally:
-    open(out, "w").write(json.dumps(records))
-"""
 
 
 def base_folder() -> Path:
@@ -157,13 +118,14 @@ def run_mlx_lm(base: Path, config: Path, work: Path) -> dict:
 
     eot = load_tokenizer(base).convert_tokens_to_ids("<|im_end|>")
     counts_file = work / f"counts-{time.time_ns()}.json"
-    order_file = work / "mlxft-order.json"  # mlxft's batches, so both tools train on the same rows per step
-    order_file.write_text(json.dumps([[int(i) for i in b] for b in mlxft_batches()[1]]))
+    spec = work / "mlx_lm-spec.json"  # mlxft's batches, so both tools train on the same rows per step
+    spec.write_text(json.dumps({"tool": "mlx_lm", "eot": int(eot), "out": str(counts_file), "memory_limit": None,
+                                "order": [[int(i) for i in b] for b in mlxft_batches()[1]]}))
     out = subprocess.run(
-        [sys.executable, "-c", MLX_LM_WRAPPER, str(eot), str(counts_file), str(order_file), "--config", str(config)],
+        [sys.executable, "-c", WRAPPER, str(spec), "--config", str(config)],
         check=True, cwd=ROOT, capture_output=True, text=True,
     ).stdout
-    rec = np.array(json.loads(counts_file.read_text()))
+    rec = np.array(json.loads(counts_file.read_text())["records"])
     # rec[k] is taken when batch k+1 is fetched, i.e. after step k; step 1 (with the first
     # validation) and the last step (with the final validation) are left out, like a warm-up.
     lo, hi = WINDOW, len(rec) - 1  # steps lo+1 .. hi
